@@ -1,0 +1,62 @@
+"""Image processor of SeTok: SigLIP-style resize, rescale and normalize on the PIL/NumPy backend."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from transformers.image_processing_backends import PilBackend
+from transformers.image_utils import PILImageResampling
+
+SIGLIP_MEAN = [0.5, 0.5, 0.5]
+SIGLIP_STD = [0.5, 0.5, 0.5]
+
+
+class SetokImageProcessor(PilBackend):
+    """Turns PIL images, NumPy arrays or torch tensors (one or a list) into SigLIP-ready `pixel_values`.
+
+    Runs on PIL and NumPy alone, so it works without torchvision. Grayscale, RGBA, palette and CMYK images
+    are converted to RGB; inputs that cannot be an image (no pixels, non-finite values, a channel count other
+    than 1, 3 or 4) raise a `ValueError` naming `images`.
+    """
+
+    resample = PILImageResampling.BICUBIC
+    image_mean = SIGLIP_MEAN
+    image_std = SIGLIP_STD
+    size = {"height": 384, "width": 384}
+    default_to_square = False
+    do_resize = True
+    do_rescale = True
+    do_normalize = True
+    do_convert_rgb = True
+    model_input_names = ["pixel_values"]
+
+    def process_image(self, image: Any, *args: Any, **kwargs: Any) -> np.ndarray:
+        """Check one image, then convert it to a channel-first RGB array."""
+        array = np.asarray(image.detach().cpu() if hasattr(image, "detach") else image)
+        if array.size == 0:
+            raise ValueError(f"images: got an image with no pixels (shape {array.shape})")
+        if array.ndim not in (2, 3):
+            raise ValueError(f"images: each image must be (height, width) or have a channel axis, got shape {array.shape}")
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise ValueError("images: pixel values must be finite, found NaN or infinity")
+        if array.ndim == 3 and not ({array.shape[0], array.shape[-1]} & {1, 3, 4}):
+            raise ValueError(f"images: expected 1, 3 or 4 channels first or last, got shape {array.shape}")
+        return super().process_image(image, *args, **kwargs)
+
+    def preprocess(self, images: Any, *args: Any, **kwargs: Any):
+        """Like the base `preprocess`, also taking 2-D arrays as single grayscale images."""
+        if isinstance(images, (list, tuple)) and len(images) == 0:
+            raise ValueError("images: got an empty list; pass at least one image")
+        images = [with_channel_axis(image) for image in images] if isinstance(images, (list, tuple)) else with_channel_axis(images)
+        return super().preprocess(images, *args, **kwargs)
+
+
+def with_channel_axis(image: Any) -> Any:
+    """A 2-D array or tensor is one grayscale image: give it a trailing channel axis."""
+    if getattr(image, "ndim", None) == 2:
+        return image[..., None]
+    return image
+
+
+__all__ = ["SetokImageProcessor"]
