@@ -1,0 +1,111 @@
+"""Auto registration, safetensors round trips and the `trust_remote_code` path without the plugin."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+from conftest import tiny_setok_config
+from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+from transformers_setok import SetokConfig, SetokImageProcessor, SetokModel
+
+
+def save_tiny_setok(folder: Path) -> tuple[SetokModel, torch.Tensor]:
+    torch.manual_seed(0)
+    model = SetokModel(tiny_setok_config()).eval()
+    model.save_pretrained(folder)
+    SetokImageProcessor(size={"height": 64, "width": 64}).save_pretrained(folder)
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    return model, pixels
+
+
+def test_auto_classes_resolve_to_ours(tmp_path: Path) -> None:
+    model, _ = save_tiny_setok(tmp_path)
+    assert type(AutoConfig.from_pretrained(tmp_path)) is SetokConfig
+    assert type(AutoModel.from_pretrained(tmp_path)) is SetokModel
+    assert type(AutoImageProcessor.from_pretrained(tmp_path)) is SetokImageProcessor
+    assert type(AutoModel.from_config(tiny_setok_config())) is SetokModel
+
+
+def test_save_load_round_trip_is_identical(tmp_path: Path) -> None:
+    model, pixels = save_tiny_setok(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert not list(tmp_path.glob("*.bin"))
+    reloaded = SetokModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        before, after = model(pixels), reloaded(pixels)
+    assert torch.equal(before.assignment, after.assignment)
+    assert torch.equal(before.tokens, after.tokens)
+    for field in ("cluster_k", "cluster_threshold", "min_tokens", "max_tokens", "hidden_size", "token_size"):
+        assert getattr(reloaded.config, field) == getattr(model.config, field), field
+    for field in ("hidden_size", "num_hidden_layers", "image_size", "patch_size"):
+        assert getattr(reloaded.config.vision_config, field) == getattr(model.config.vision_config, field), field
+
+
+def test_saved_configs_carry_an_auto_map(tmp_path: Path) -> None:
+    save_tiny_setok(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_setok.SetokConfig",
+        "AutoModel": "modeling_setok.SetokModel",
+    }
+    processor = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert processor["auto_map"] == {"AutoImageProcessor": "image_processing_setok.SetokImageProcessor"}
+    for module in ("configuration_setok.py", "modeling_setok.py", "clustering.py", "image_processing_setok.py"):
+        assert (tmp_path / module).exists(), module
+
+
+REMOTE_CODE_SCRIPT = textwrap.dedent(
+    """
+    import importlib.abc, sys
+    import torch
+
+    class NoPlugin(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name.split(".")[0] == "transformers_setok":
+                raise ImportError("the plugin is not installed here")
+
+    sys.meta_path.insert(0, NoPlugin())
+    from transformers import AutoImageProcessor, AutoModel
+
+    folder = sys.argv[1]
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+    assert "transformers_setok" not in sys.modules
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    with torch.no_grad():
+        out = model(torch.load(sys.argv[2], weights_only=True))
+    torch.save({"tokens": out.tokens, "assignment": out.assignment}, sys.argv[3])
+    print(type(model).__name__, type(processor).__name__)
+    """
+)
+
+
+def test_trust_remote_code_loads_without_the_plugin(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoint"
+    model, pixels = save_tiny_setok(folder)
+    torch.save(pixels, tmp_path / "pixels.pt")
+    script = tmp_path / "load_remote.py"
+    script.write_text(REMOTE_CODE_SCRIPT)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, str(script), str(folder), str(tmp_path / "pixels.pt"), str(tmp_path / "out.pt")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "SetokModel SetokImageProcessor" in result.stdout
+    remote = torch.load(tmp_path / "out.pt", weights_only=True)
+    with torch.no_grad():
+        local = model(pixels)
+    assert torch.equal(remote["assignment"], local.assignment)
+    torch.testing.assert_close(remote["tokens"], local.tokens, atol=1e-6, rtol=0)
