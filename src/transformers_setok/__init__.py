@@ -4,19 +4,34 @@ Importing this package registers every class with the `Auto*` factories, and mar
 `save_pretrained` to write an `auto_map`, so saved folders also load with `trust_remote_code=True`.
 """
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText
 
 from .clustering import ClusteringResult, density_peak_clustering
 from .configuration_setok import SetokConfig
+from .configuration_setokim import SetokimConfig
 from .image_processing_setok import SetokImageProcessor
 from .modeling_setok import SetokModel, SetokModelOutput, SetokPreTrainedModel
+from .modeling_setokim import (
+    SetokimCausalLMOutputWithPast,
+    SetokimForConditionalGeneration,
+    SetokimImageFeatures,
+    SetokimModel,
+    SetokimModelOutputWithPast,
+    SetokimPreTrainedModel,
+)
 
 AutoConfig.register(SetokConfig.model_type, SetokConfig, exist_ok=True)
 AutoModel.register(SetokConfig, SetokModel, exist_ok=True)
+AutoConfig.register(SetokimConfig.model_type, SetokimConfig, exist_ok=True)
+AutoModel.register(SetokimConfig, SetokimModel, exist_ok=True)
+AutoModelForImageTextToText.register(SetokimConfig, SetokimForConditionalGeneration, exist_ok=True)
 AutoImageProcessor.register(SetokConfig, image_processor_classes={"pil": SetokImageProcessor}, exist_ok=True)
 
 SetokConfig.register_for_auto_class()
 SetokModel.register_for_auto_class("AutoModel")
+SetokimConfig.register_for_auto_class()
+SetokimModel.register_for_auto_class("AutoModel")
+SetokimForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 SetokImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __version__ = "0.1.0"
@@ -28,5 +43,12 @@ __all__ = [
     "SetokModel",
     "SetokModelOutput",
     "SetokPreTrainedModel",
+    "SetokimCausalLMOutputWithPast",
+    "SetokimConfig",
+    "SetokimForConditionalGeneration",
+    "SetokimImageFeatures",
+    "SetokimModel",
+    "SetokimModelOutputWithPast",
+    "SetokimPreTrainedModel",
     "density_peak_clustering",
 ]
