@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from transformers_setok import SetokConfig, SetokModel
+from transformers_setok import SetokConfig, SetokimConfig, SetokimForConditionalGeneration, SetokModel
 
 
 def tiny_setok_config(**overrides) -> SetokConfig:
@@ -34,3 +34,37 @@ def tiny_setok_config(**overrides) -> SetokConfig:
 def tiny_setok() -> SetokModel:
     torch.manual_seed(0)
     return SetokModel(tiny_setok_config()).eval()
+
+
+IMAGE_TOKEN_ID, IMAGE_START_ID, IMAGE_END_ID, PAD_ID = 100, 101, 102, 0
+
+
+def tiny_setokim_config(**overrides) -> SetokimConfig:
+    """Setokim on the tiny tokenizer and a 2-layer Llama with a 120-token vocabulary."""
+    settings = dict(
+        setok_config=tiny_setok_config(),
+        text_config=dict(
+            model_type="llama",
+            vocab_size=120,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            pad_token_id=PAD_ID,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        image_token_id=IMAGE_TOKEN_ID,
+        image_start_token_id=IMAGE_START_ID,
+        image_end_token_id=IMAGE_END_ID,
+    )
+    settings.update(overrides)
+    return SetokimConfig(**settings)
+
+
+@pytest.fixture
+def tiny_setokim() -> SetokimForConditionalGeneration:
+    torch.manual_seed(0)
+    return SetokimForConditionalGeneration(tiny_setokim_config()).eval()

@@ -14,7 +14,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.utils import ModelOutput
 
 from .configuration_setokim import SetokimConfig
-from .modeling_setok import SetokModel, SetokModelOutput
+from .modeling_setok import SetokModel, SetokModelOutput, check_pixel_values
 from .placeholder_expansion import ExpandedInputs, expand_image_placeholders, pack_image_embeds
 
 
@@ -144,6 +144,7 @@ class SetokimModel(SetokimPreTrainedModel):
         """Tokenize the images, then expand each placeholder to its image's tokens (shared by forward and generate)."""
         if input_ids is None:
             raise ValueError("pixel_values need input_ids holding one image placeholder per image")
+        check_pixel_values(pixel_values, self.config.setok_config.vision_config.num_channels)
         image_token_id = self.config.image_token_id
         num_placeholders = int((input_ids == image_token_id).sum())
         if num_placeholders != len(pixel_values):
