@@ -19,6 +19,7 @@ from .modeling_setokim import (
     SetokimModelOutputWithPast,
     SetokimPreTrainedModel,
 )
+from .visualization import draw_token_regions, token_label_map
 
 AutoConfig.register(SetokConfig.model_type, SetokConfig, exist_ok=True)
 AutoModel.register(SetokConfig, SetokModel, exist_ok=True)
@@ -51,4 +52,6 @@ __all__ = [
     "SetokimModelOutputWithPast",
     "SetokimPreTrainedModel",
     "density_peak_clustering",
+    "draw_token_regions",
+    "token_label_map",
 ]
