@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from transformers_setok import SetokConfig, SetokimConfig, SetokimForConditionalGeneration, SetokModel
+from transformers_setok import (
+    SetokConfig,
+    SetokImageProcessor,
+    SetokimConfig,
+    SetokimForConditionalGeneration,
+    SetokimProcessor,
+    SetokModel,
+)
+from transformers_setok.tokenizer_training import train_sentencepiece_tokenizer
 
 
 def tiny_setok_config(**overrides) -> SetokConfig:
@@ -68,3 +78,47 @@ def tiny_setokim_config(**overrides) -> SetokimConfig:
 def tiny_setokim() -> SetokimForConditionalGeneration:
     torch.manual_seed(0)
     return SetokimForConditionalGeneration(tiny_setokim_config()).eval()
+
+SAMPLE_TEXTS = [
+    "USER: What is shown in the image? ASSISTANT: A red car parked on a quiet street.",
+    "USER: Describe the picture in detail. ASSISTANT: Two cats sleep on a blue sofa near a window.",
+    "USER: How many dogs are there? ASSISTANT: There are 3 dogs playing in the park.",
+    "A photo of a mountain lake at sunset, with trees along the shore.",
+    "The quick brown fox jumps over the lazy dog.",
+    "Segment the person on the left.\nGenerate an image of a small house.",
+    "Edit the image: make the sky purple and add 2 birds.",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder of a byte-fallback BPE Llama tokenizer trained once per session on `SAMPLE_TEXTS`."""
+    folder = tmp_path_factory.mktemp("tiny_tokenizer")
+    train_sentencepiece_tokenizer(SAMPLE_TEXTS, folder, vocab_size=400)
+    return folder
+
+
+@pytest.fixture
+def tiny_processor(tiny_tokenizer_dir: Path) -> SetokimProcessor:
+    """The tiny tokenizer (left padding, for generation) with a 64x64 image processor."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir, padding_side="left")
+    return SetokimProcessor(SetokImageProcessor(size={"height": 64, "width": 64}), tokenizer)
+
+
+def setokim_for(processor: SetokimProcessor, **overrides) -> SetokimForConditionalGeneration:
+    """A tiny Setokim whose vocabulary and image token ids match `processor`."""
+    tokenizer = processor.tokenizer
+    config = tiny_setokim_config(
+        image_token_id=processor.image_token_id,
+        image_start_token_id=processor.image_start_token_id,
+        image_end_token_id=processor.image_end_token_id,
+        **overrides,
+    )
+    config.text_config.vocab_size = len(tokenizer)
+    config.text_config.pad_token_id = tokenizer.pad_token_id
+    config.text_config.bos_token_id = tokenizer.bos_token_id
+    config.text_config.eos_token_id = tokenizer.eos_token_id
+    torch.manual_seed(0)
+    return SetokimForConditionalGeneration(config).eval()

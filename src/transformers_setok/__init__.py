@@ -4,7 +4,7 @@ Importing this package registers every class with the `Auto*` factories, and mar
 `save_pretrained` to write an `auto_map`, so saved folders also load with `trust_remote_code=True`.
 """
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from .clustering import ClusteringResult, density_peak_clustering
 from .configuration_setok import SetokConfig
@@ -19,6 +19,8 @@ from .modeling_setokim import (
     SetokimModelOutputWithPast,
     SetokimPreTrainedModel,
 )
+from .processing_setokim import IMAGE_END_TOKEN, IMAGE_START_TOKEN, IMAGE_TOKEN, SetokimProcessor
+from .tokenizer_training import train_sentencepiece_tokenizer
 from .visualization import draw_token_regions, token_label_map
 
 AutoConfig.register(SetokConfig.model_type, SetokConfig, exist_ok=True)
@@ -27,6 +29,7 @@ AutoConfig.register(SetokimConfig.model_type, SetokimConfig, exist_ok=True)
 AutoModel.register(SetokimConfig, SetokimModel, exist_ok=True)
 AutoModelForImageTextToText.register(SetokimConfig, SetokimForConditionalGeneration, exist_ok=True)
 AutoImageProcessor.register(SetokConfig, image_processor_classes={"pil": SetokImageProcessor}, exist_ok=True)
+AutoProcessor.register(SetokimConfig, SetokimProcessor, exist_ok=True)
 
 SetokConfig.register_for_auto_class()
 SetokModel.register_for_auto_class("AutoModel")
@@ -34,10 +37,16 @@ SetokimConfig.register_for_auto_class()
 SetokimModel.register_for_auto_class("AutoModel")
 SetokimForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 SetokImageProcessor.register_for_auto_class("AutoImageProcessor")
+SetokimProcessor.register_for_auto_class("AutoProcessor")
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "IMAGE_END_TOKEN",
+    "IMAGE_START_TOKEN",
+    "IMAGE_TOKEN",
+    "SetokimProcessor",
+    "train_sentencepiece_tokenizer",
     "ClusteringResult",
     "SetokConfig",
     "SetokImageProcessor",
