@@ -7,15 +7,26 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationMixin,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.cache_utils import Cache
 from transformers.generation.utils import GenerateOutput
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
+from .configuration_setok import SetokConfig
 from .configuration_setokim import SetokimConfig
+from .image_processing_setok import SetokImageProcessor
 from .modeling_setok import SetokModel, SetokModelOutput, check_pixel_values
 from .placeholder_expansion import ExpandedInputs, expand_image_placeholders, pack_image_embeds
+from .processing_setokim import SetokimProcessor
 
 
 @dataclass
@@ -108,11 +119,15 @@ class SetokimPreTrainedModel(PreTrainedModel):
 
 
 class SetokimModel(SetokimPreTrainedModel):
-    """SeTok tokenizer, projector and the language model's base (no LM head)."""
+    """SeTok tokenizer, projector and the language model's base (no LM head).
+
+    The vision encoder starts frozen, as in the paper; `training.set_trainable` chooses what trains.
+    """
 
     def __init__(self, config: SetokimConfig) -> None:
         super().__init__(config)
         self.setok = SetokModel(config.setok_config)
+        self.setok.vision_model.requires_grad_(False)
         self.multi_modal_projector = SetokimProjector(config)
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
@@ -251,11 +266,66 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = SetokimModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        # so a saved folder serves `AutoModel` (the base model) through `trust_remote_code` as well
+        module = SetokimModel.__module__.rsplit(".", 1)[-1]
+        config.auto_map = {**(getattr(config, "auto_map", None) or {}), "AutoModel": f"{module}.SetokimModel"}
         if config.tie_word_embeddings:
             embeddings = self.model.get_input_embeddings()
             name = next(n for n, m in self.model.language_model.named_modules() if m is embeddings)
             self._tied_weights_keys = {"lm_head.weight": f"model.language_model.{name}.weight"}
         self.post_init()
+
+    @classmethod
+    def from_parts(
+        cls,
+        vision: str | PreTrainedModel,
+        language_model: str | PreTrainedModel,
+        tokenizer: str | PreTrainedTokenizerBase | None = None,
+        projector_type: str = "mlp2x_gelu",
+        **setok_kwargs: Any,
+    ) -> tuple[SetokimForConditionalGeneration, SetokimProcessor]:
+        """A Setokim assembled from pretrained parts, ready for training, and the processor that goes with it.
+
+        Args:
+            vision: a SeTok tokenizer (`SetokModel` or its folder), or any vision encoder (a model or folder; the
+                vision tower of a CLIP/SigLIP dual encoder is taken) around which a fresh merger is built.
+            language_model: any causal LM (a model or folder / Hub id).
+            tokenizer: its tokenizer; loaded from `language_model` when that is a path.
+            projector_type: `"linear"` or `"mlp{N}x_gelu"`.
+            setok_kwargs: `SetokConfig` settings (threshold, budget, merger sizes) for a fresh SeTok.
+
+        `[Img]`, `[/Img]` and `<image>` are added to the tokenizer; their embeddings start at the mean of the
+        existing ones, so they begin as neutral as an embedding can be.
+        """
+        setok = load_setok(vision, **setok_kwargs)
+        if isinstance(language_model, str):
+            tokenizer = tokenizer if tokenizer is not None else language_model
+            language_model = AutoModelForCausalLM.from_pretrained(language_model)
+        if tokenizer is None:
+            raise ValueError("tokenizer is required when language_model is a model rather than a path")
+        if isinstance(tokenizer, str):
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        image_size = setok.config.vision_config.image_size
+        processor = SetokimProcessor(SetokImageProcessor(size={"height": image_size, "width": image_size}), tokenizer)
+        resize_embeddings_to_mean(language_model, len(tokenizer))
+
+        text_config = language_model.config
+        if text_config.pad_token_id is None:
+            text_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        config = SetokimConfig(
+            setok_config=setok.config,
+            text_config=text_config,
+            projector_type=projector_type,
+            image_token_id=processor.image_token_id,
+            image_start_token_id=processor.image_start_token_id,
+            image_end_token_id=processor.image_end_token_id,
+            tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
+        )
+        model = cls(config)
+        model.model.setok.load_state_dict(setok.state_dict())
+        model.model.language_model.load_state_dict(language_model.get_decoder().state_dict())
+        model.lm_head.load_state_dict(language_model.get_output_embeddings().state_dict())
+        return model.eval(), processor
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
@@ -352,6 +422,33 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
             return sequences
         output.sequences = sequences
         return output
+
+
+def load_setok(vision: str | PreTrainedModel, **setok_kwargs: Any) -> SetokModel:
+    """A SeTok tokenizer as given, or a fresh one around a pretrained vision encoder."""
+    if isinstance(vision, str):
+        is_setok = AutoConfig.from_pretrained(vision).model_type == SetokConfig.model_type
+        vision = SetokModel.from_pretrained(vision) if is_setok else AutoModel.from_pretrained(vision)
+    if isinstance(vision, SetokModel):
+        if setok_kwargs:
+            raise ValueError(f"{sorted(setok_kwargs)} configure a fresh SeTok; a pretrained SetokModel keeps its config")
+        return vision
+    if hasattr(vision.config, "vision_config"):  # a CLIP/SigLIP-style dual encoder: keep its vision tower
+        vision = vision.vision_model
+    setok = SetokModel(SetokConfig(vision_config=vision.config, **setok_kwargs))
+    setok.vision_model.load_state_dict(vision.state_dict())
+    return setok
+
+
+def resize_embeddings_to_mean(language_model: PreTrainedModel, vocab_size: int) -> None:
+    """Grow the input (and untied output) embeddings to `vocab_size`, new rows set to the mean of the old ones."""
+    old_size = language_model.get_input_embeddings().weight.shape[0]
+    if vocab_size <= old_size:
+        return
+    language_model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    with torch.no_grad():
+        for embeddings in {language_model.get_input_embeddings(), language_model.get_output_embeddings()} - {None}:
+            embeddings.weight[old_size:] = embeddings.weight[:old_size].mean(dim=0)
 
 
 __all__ = [
