@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from transformers_setok.clustering import density_peak_clustering
+from transformers_setok.clustering import density_peak_clustering, pairwise_distances
 
 
 def reference_clustering(
@@ -87,6 +87,21 @@ def test_exact_ties_from_duplicated_features() -> None:
     # with every patch a centre, the first copy of each duplicate wins the tie
     all_centers = density_peak_clustering(features[None], k=3, threshold=0.0, min_tokens=16)
     assert all_centers.assignment[0].tolist() == list(range(16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_duplicated_rows_get_identical_distance_rows(dtype: torch.dtype) -> None:
+    """Equal features must see bitwise-equal distances wherever they sit in the batch, or ties are not ties."""
+    generator = torch.Generator().manual_seed(11)
+    distinct = torch.randn(2, 23, 96, generator=generator, dtype=dtype) * 3 + 1
+    pick = torch.randint(0, 23, (2, 301), generator=generator)
+    features = torch.stack([distinct[b, pick[b]] for b in range(2)])
+    distances = pairwise_distances(features)
+    for b in range(2):
+        for source in range(23):
+            rows = distances[b, pick[b] == source]
+            assert (rows == rows[:1]).all()
+            assert (rows[:, pick[b] == source] == 0).all()
 
 
 def test_identical_features_give_one_token() -> None:

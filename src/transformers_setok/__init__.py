@@ -21,6 +21,7 @@ from .modeling_setokim import (
 )
 from .processing_setokim import IMAGE_END_TOKEN, IMAGE_START_TOKEN, IMAGE_TOKEN, SetokimProcessor
 from .tokenizer_training import train_sentencepiece_tokenizer
+from .training import SetokimDataCollator, language_model_lora_config, set_trainable
 from .visualization import draw_token_regions, token_label_map
 
 AutoConfig.register(SetokConfig.model_type, SetokConfig, exist_ok=True)
@@ -45,6 +46,7 @@ __all__ = [
     "IMAGE_END_TOKEN",
     "IMAGE_START_TOKEN",
     "IMAGE_TOKEN",
+    "SetokimDataCollator",
     "SetokimProcessor",
     "train_sentencepiece_tokenizer",
     "ClusteringResult",
@@ -62,5 +64,7 @@ __all__ = [
     "SetokimPreTrainedModel",
     "density_peak_clustering",
     "draw_token_regions",
+    "language_model_lora_config",
+    "set_trainable",
     "token_label_map",
 ]

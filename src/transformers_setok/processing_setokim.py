@@ -20,7 +20,9 @@ WRAPPED_IMAGE_TOKEN = f"{IMAGE_START_TOKEN}{IMAGE_TOKEN}{IMAGE_END_TOKEN}"
 
 # Vicuna v1 layout, as in LLaVA: "USER: <image>\nWhat is shown? ASSISTANT: A cat.</s>USER: ...".
 # No BOS here: the tokenizer adds it, so templating and then calling the processor doesn't add it twice.
-# `{% generation %}` marks assistant answers (their EOS included) for `return_assistant_tokens_mask=True`.
+# `{% generation %}` marks assistant answers (their EOS and the space before them included: some tokenizers keep
+# that space as a token of its own, and a model never trained to write it stops at once) for
+# `return_assistant_tokens_mask=True`.
 DEFAULT_CHAT_TEMPLATE = (
     "{%- macro render(content) -%}"
     "{%- if content is string -%}{{ content }}"
@@ -37,8 +39,8 @@ DEFAULT_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'system' -%}{{ render(message['content']) + ' ' }}"
     "{%- elif message['role'] == 'user' -%}{{ 'USER: ' + render(message['content']) + ' ' }}"
-    "{%- elif message['role'] == 'assistant' -%}{{ 'ASSISTANT: ' }}"
-    "{%- generation -%}{{ render(message['content']) + eos_token }}{%- endgeneration -%}"
+    "{%- elif message['role'] == 'assistant' -%}{{ 'ASSISTANT:' }}"
+    "{%- generation -%}{{ ' ' + render(message['content']) + eos_token }}{%- endgeneration -%}"
     "{%- else -%}{{ raise_exception('Setokim chat roles are system, user and assistant, got ' + message['role']) }}"
     "{%- endif -%}"
     "{%- endfor -%}"

@@ -1,0 +1,201 @@
+"""Fine-tuning Setokim with the stock `Trainer`: a chat data collator, freezing by part, and LoRA on the LLM.
+
+The collator writes one `[Img]<image>[/Img]` placeholder per image and labels only the assistant answers; the
+model expands each placeholder into its image's tokens (labelled `-100`) in `forward`, so nothing here needs
+to know how many tokens an image becomes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType
+from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+from transformers.utils import logging
+
+from .modeling_setokim import SetokimForConditionalGeneration
+from .placeholder_expansion import IGNORE_INDEX
+from .processing_setokim import SetokimProcessor
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class SetokimDataCollator:
+    """Turns chat examples into a padded training batch: `input_ids`, `attention_mask`, `labels`, `pixel_values`.
+
+    Each example is a dict with `"messages"` (chat messages in the Transformers multimodal format, with a
+    `{"type": "image"}` part where each image goes) and `"images"` (the images in the order of those parts; may
+    be empty or missing). Labels are `-100` everywhere except the assistant answers and their EOS, found through
+    the chat template's `{% generation %}` markers. `pixel_values` is left out when the batch holds no image.
+
+    `max_length` bounds the *text* tokens, each image counting as its three placeholder tokens: the model adds
+    the image's own tokens on top in `forward`. A conversation that is too long loses whole trailing turns (a
+    user message and the replies after it), never part of one, so no image is ever cut; a warning says how many
+    turns went. If even the first turn does not fit, a `ValueError` says so.
+
+    Args:
+        processor: the model's [`SetokimProcessor`]; its chat template must mark answers with `{% generation %}`.
+        max_length: most text tokens per example; `None` keeps every conversation whole.
+        padding_side: `"right"` for training (the default), `"left"` to match a generation layout.
+    """
+
+    processor: SetokimProcessor
+    max_length: int | None = None
+    padding_side: Literal["left", "right"] = "right"
+
+    def __post_init__(self) -> None:
+        if self.padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"max_length must be a positive number of tokens or None, got {self.max_length}")
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("examples: got an empty batch")
+        encoded, dropped_turns = zip(*(self.encode(example, index) for index, example in enumerate(examples)))
+        if any(dropped_turns):
+            logger.warning(
+                f"Dropped {sum(dropped_turns)} trailing turn(s) from {sum(map(bool, dropped_turns))} of "
+                f"{len(examples)} conversation(s) to fit max_length={self.max_length} text tokens"
+            )
+        tokenizer = self.processor.tokenizer
+        # Padding is masked out of attention and loss, so any id works where the tokenizer has no pad token.
+        pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        batch = {
+            "input_ids": self.pad([item["input_ids"][0] for item in encoded], pad_token_id),
+            "attention_mask": self.pad([item["attention_mask"][0] for item in encoded], 0),
+            "labels": self.pad(
+                [item["input_ids"][0].masked_fill(item["assistant_masks"][0] == 0, IGNORE_INDEX) for item in encoded],
+                IGNORE_INDEX,
+            ),
+        }
+        pixel_values = [item["pixel_values"] for item in encoded if "pixel_values" in item]
+        if pixel_values:
+            batch["pixel_values"] = torch.cat(pixel_values)
+        return batch
+
+    def encode(self, example: dict[str, Any], index: int) -> tuple[dict[str, torch.Tensor], int]:
+        """Tokenize one conversation, dropping whole trailing turns until it fits; returns it and the turns dropped."""
+        messages, images = example["messages"], list(example.get("images") or [])
+        if not messages:
+            raise ValueError(f"examples[{index}]: `messages` is empty")
+        if count_images(messages) != len(images):
+            raise ValueError(
+                f"examples[{index}]: `messages` hold {count_images(messages)} image part(s) but `images` holds "
+                f"{len(images)} image(s); give one image per {{'type': 'image'}} part, in order"
+            )
+        # A turn ends where the next user message starts; system messages before the first user stay with it.
+        user_starts = [position for position, message in enumerate(messages) if message["role"] == "user"]
+        turn_ends = [*user_starts[1:], len(messages)]
+        for kept in range(len(turn_ends), 0, -1):
+            kept_messages = messages[: turn_ends[kept - 1]]
+            encoded = self.processor.apply_chat_template(
+                kept_messages,
+                tokenize=True,
+                return_dict=True,
+                return_assistant_tokens_mask=True,
+                return_tensors="pt",
+                processor_kwargs={"images": images[: count_images(kept_messages)]},
+            )
+            if self.max_length is None or encoded["input_ids"].shape[1] <= self.max_length:
+                return encoded, len(turn_ends) - kept
+        raise ValueError(
+            f"examples[{index}]: its first turn alone is {encoded['input_ids'].shape[1]} text tokens, more than "
+            f"max_length={self.max_length}; raise max_length or shorten that turn"
+        )
+
+    def pad(self, sequences: list[torch.Tensor], value: int) -> torch.Tensor:
+        return pad_sequence(sequences, batch_first=True, padding_value=value, padding_side=self.padding_side)
+
+
+def count_images(messages: Sequence[dict[str, Any]]) -> int:
+    """Number of `{"type": "image"}` parts in chat messages."""
+    return sum(
+        part["type"] == "image"
+        for message in messages
+        if not isinstance(message["content"], str)
+        for part in message["content"]
+    )
+
+
+def model_parts(model: SetokimForConditionalGeneration | PeftModel) -> dict[str, list[nn.Module]]:
+    """The modules of each trainable part of a Setokim, peft-wrapped or not."""
+    setokim = model.get_base_model() if isinstance(model, PeftModel) else model
+    if not isinstance(setokim, SetokimForConditionalGeneration):
+        raise TypeError(
+            f"model must be a SetokimForConditionalGeneration or a PeftModel of one, got {type(model).__name__}"
+        )
+    setok = setokim.model.setok
+    return {
+        "vision_encoder": [setok.vision_model],
+        "merger": [setok.input_projection, setok.merger],
+        "projector": [setokim.model.multi_modal_projector],
+        "language_model": [setokim.model.language_model, setokim.lm_head],
+    }
+
+
+def set_trainable(
+    model: SetokimForConditionalGeneration | PeftModel,
+    vision_encoder: bool = False,
+    merger: bool = True,
+    projector: bool = True,
+    language_model: bool = True,
+) -> dict[str, int]:
+    """Choose which parts of a Setokim train, and return the trainable parameter count of each part.
+
+    A new Setokim starts with its vision encoder frozen; the defaults keep it so and train everything else. On a
+    `PeftModel`, an enabled part that holds adapter weights (LoRA layers, `modules_to_save` copies) trains only
+    those, since keeping its base weights frozen is the point of the adapter; an enabled part without adapters
+    trains in full.
+    """
+    enabled = {
+        "vision_encoder": vision_encoder,
+        "merger": merger,
+        "projector": projector,
+        "language_model": language_model,
+    }
+    # peft keeps adapter weights under their adapter's name: `lora_A.default.weight`, `modules_to_save.default.0.bias`.
+    adapter_names = set(model.peft_config) if isinstance(model, PeftModel) else set()
+    counts = {}
+    for part, modules in model_parts(model).items():
+        # Keyed by identity, so a tied LM head and input embedding count once.
+        parameters = {id(p): (name, p) for module in modules for name, p in module.named_parameters()}.values()
+        adapters = {id(p) for name, p in parameters if not adapter_names.isdisjoint(name.split("."))}
+        for _, parameter in parameters:
+            parameter.requires_grad_(enabled[part] and (id(parameter) in adapters or not adapters))
+        counts[part] = sum(p.numel() for _, p in parameters if p.requires_grad)
+    return counts
+
+
+def language_model_lora_config(
+    r: int = 8,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.0,
+    target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+    **kwargs: Any,
+) -> LoraConfig:
+    """A `LoraConfig` that adapts only the language model's `target_modules`, for `get_peft_model(setokim, ...)`.
+
+    Plain module names would also match same-named layers of the vision encoder (SigLIP has `q_proj` too), so the
+    targets are a regex anchored under `model.language_model.`; the vision tokenizer and projector stay as they
+    are. Extra `kwargs` go to `LoraConfig`, e.g. `modules_to_save=["multi_modal_projector"]` to also train (and
+    save) a full copy of the projector.
+    """
+    names = "|".join(re.escape(name) for name in target_modules)
+    return LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=rf"model\.language_model\..*\.({names})",
+        task_type=TaskType.CAUSAL_LM,
+        **kwargs,
+    )
+
+
+__all__ = ["SetokimDataCollator", "language_model_lora_config", "model_parts", "set_trainable"]
