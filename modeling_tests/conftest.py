@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -79,6 +83,7 @@ def tiny_setokim() -> SetokimForConditionalGeneration:
     torch.manual_seed(0)
     return SetokimForConditionalGeneration(tiny_setokim_config()).eval()
 
+
 SAMPLE_TEXTS = [
     "USER: What is shown in the image? ASSISTANT: A red car parked on a quiet street.",
     "USER: Describe the picture in detail. ASSISTANT: Two cats sleep on a blue sofa near a window.",
@@ -122,3 +127,29 @@ def setokim_for(processor: SetokimProcessor, **overrides) -> SetokimForCondition
     config.text_config.eos_token_id = tokenizer.eos_token_id
     torch.manual_seed(0)
     return SetokimForConditionalGeneration(config).eval()
+
+
+NO_PLUGIN_PRELUDE = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    class NoPlugin(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name.split(".")[0] == "transformers_setok":
+                raise ImportError("the plugin is not installed here")
+
+    sys.meta_path.insert(0, NoPlugin())
+    """
+)
+
+
+def run_without_plugin(script: str, *args: str, workdir: Path) -> str:
+    """Run `script` in a fresh Python that cannot import this plugin (as on a machine without it); its stdout."""
+    path = workdir / "without_plugin.py"
+    path.write_text(NO_PLUGIN_PRELUDE + textwrap.dedent(script))
+    env = {**os.environ, "HF_MODULES_CACHE": str(workdir / "modules"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, str(path), *args], capture_output=True, text=True, env=env, cwd=workdir, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import torch
-from conftest import tiny_setok_config
+from conftest import run_without_plugin, tiny_setok_config
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
 from transformers_setok import SetokConfig, SetokImageProcessor, SetokModel
@@ -61,49 +57,31 @@ def test_saved_configs_carry_an_auto_map(tmp_path: Path) -> None:
         assert (tmp_path / module).exists(), module
 
 
-REMOTE_CODE_SCRIPT = textwrap.dedent(
-    """
-    import importlib.abc, sys
-    import torch
+REMOTE_CODE_SCRIPT = """
+import sys
+import torch
+from transformers import AutoImageProcessor, AutoModel
 
-    class NoPlugin(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name.split(".")[0] == "transformers_setok":
-                raise ImportError("the plugin is not installed here")
-
-    sys.meta_path.insert(0, NoPlugin())
-    from transformers import AutoImageProcessor, AutoModel
-
-    folder = sys.argv[1]
-    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
-    processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
-    assert "transformers_setok" not in sys.modules
-    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-    with torch.no_grad():
-        out = model(torch.load(sys.argv[2], weights_only=True))
-    torch.save({"tokens": out.tokens, "assignment": out.assignment}, sys.argv[3])
-    print(type(model).__name__, type(processor).__name__)
-    """
-)
+folder = sys.argv[1]
+model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+assert "transformers_setok" not in sys.modules
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+with torch.no_grad():
+    out = model(torch.load(sys.argv[2], weights_only=True))
+torch.save({"tokens": out.tokens, "assignment": out.assignment}, sys.argv[3])
+print(type(model).__name__, type(processor).__name__)
+"""
 
 
 def test_trust_remote_code_loads_without_the_plugin(tmp_path: Path) -> None:
     folder = tmp_path / "checkpoint"
     model, pixels = save_tiny_setok(folder)
     torch.save(pixels, tmp_path / "pixels.pt")
-    script = tmp_path / "load_remote.py"
-    script.write_text(REMOTE_CODE_SCRIPT)
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, str(script), str(folder), str(tmp_path / "pixels.pt"), str(tmp_path / "out.pt")],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
+    stdout = run_without_plugin(
+        REMOTE_CODE_SCRIPT, str(folder), str(tmp_path / "pixels.pt"), str(tmp_path / "out.pt"), workdir=tmp_path
     )
-    assert result.returncode == 0, result.stderr
-    assert "SetokModel SetokImageProcessor" in result.stdout
+    assert "SetokModel SetokImageProcessor" in stdout
     remote = torch.load(tmp_path / "out.pt", weights_only=True)
     with torch.no_grad():
         local = model(pixels)

@@ -56,9 +56,7 @@ def test_budget_and_threshold_flags(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert strict == {"clutter": 2}
 
 
-def test_loads_a_saved_checkpoint(
-    tiny_setok: SetokModel, tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
+def test_loads_a_saved_checkpoint(tiny_setok: SetokModel, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     tiny_setok.config.max_tokens = 2
     tiny_setok.save_pretrained(tmp_path / "model")
     SetokImageProcessor(size={"height": 64, "width": 64}).save_pretrained(tmp_path / "model")

@@ -46,7 +46,10 @@ def test_logits_align_with_a_piecewise_reference(tiny_setokim: SetokimForConditi
     ids, mask = left_pad(rows)
     with torch.no_grad():
         out = tiny_setokim(input_ids=ids, pixel_values=pixels, attention_mask=mask)
-        expected = [reference_logits(tiny_setokim, rows[0], pixels[:1]), reference_logits(tiny_setokim, rows[1], pixels[1:])]
+        expected = [
+            reference_logits(tiny_setokim, rows[0], pixels[:1]),
+            reference_logits(tiny_setokim, rows[1], pixels[1:]),
+        ]
     for row, reference in enumerate(expected):
         length = len(reference)
         assert int(out.attention_mask[row].sum()) == length
@@ -117,7 +120,9 @@ def test_rows_without_images_and_several_images_per_prompt(tiny_setokim: Setokim
     for row, (tokens, first) in enumerate(zip(rows, starts)):
         row_ids = torch.tensor([tokens])
         count = sum(t == IMAGE_TOKEN_ID for t in tokens)
-        alone = greedy(tiny_setokim, row_ids, torch.ones_like(row_ids), pixels[first : first + count] if count else None)
+        alone = greedy(
+            tiny_setokim, row_ids, torch.ones_like(row_ids), pixels[first : first + count] if count else None
+        )
         assert torch.equal(batched[row, ids.shape[1] :], alone[0, row_ids.shape[1] :])
 
 
@@ -134,7 +139,12 @@ def test_beam_search_and_sampling_are_reproducible(tiny_setokim: SetokimForCondi
     pixels = images(2, seed=2)
     beams = [
         tiny_setokim.generate(
-            input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=5, num_beams=3, num_return_sequences=2
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=pixels,
+            max_new_tokens=5,
+            num_beams=3,
+            num_return_sequences=2,
         )
         for _ in range(2)
     ]
@@ -155,7 +165,11 @@ def test_beam_search_and_sampling_are_reproducible(tiny_setokim: SetokimForCondi
 def test_generate_output_dict_starts_with_caller_ids(tiny_setokim: SetokimForConditionalGeneration) -> None:
     ids = torch.tensor([[1, *IMAGE, 5]])
     out = tiny_setokim.generate(
-        input_ids=ids, pixel_values=images(1), max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+        input_ids=ids,
+        pixel_values=images(1),
+        max_new_tokens=3,
+        do_sample=False,
+        return_dict_in_generate=True,
         output_scores=True,
     )
     assert out.sequences.shape == (1, ids.shape[1] + 3)
@@ -188,7 +202,9 @@ def test_tied_embeddings_follow_the_text_config() -> None:
     config = tiny_setokim_config()
     config.text_config.tie_word_embeddings = True
     torch.manual_seed(0)
-    model = SetokimForConditionalGeneration(tiny_setokim_config(text_config=config.text_config, tie_word_embeddings=True))
+    model = SetokimForConditionalGeneration(
+        tiny_setokim_config(text_config=config.text_config, tie_word_embeddings=True)
+    )
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
 
 

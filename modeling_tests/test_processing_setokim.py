@@ -114,7 +114,10 @@ def test_model_input_names(processor: SetokimProcessor) -> None:
 
 
 def test_each_image_becomes_one_wrapped_placeholder(processor: SetokimProcessor) -> None:
-    prompts = [f"USER: {IMAGE_TOKEN}\nCompare with {IMAGE_TOKEN} please. ASSISTANT:", "USER: no image here. ASSISTANT:"]
+    prompts = [
+        f"USER: {IMAGE_TOKEN}\nCompare with {IMAGE_TOKEN} please. ASSISTANT:",
+        "USER: no image here. ASSISTANT:",
+    ]
     inputs = processor(images=[image(0), image(1)], text=prompts, padding=True, return_tensors="pt")
     assert set(inputs) == {"input_ids", "attention_mask", "pixel_values"}
     assert inputs["pixel_values"].shape == (2, 3, 16, 16)
@@ -136,7 +139,9 @@ def test_padding_follows_the_tokenizer(processor: SetokimProcessor) -> None:
     prompts = [f"{IMAGE_TOKEN} a long prompt with many words", f"{IMAGE_TOKEN} short"]
     for side in ("left", "right"):
         processor.tokenizer.padding_side = side
-        mask = processor(images=[image(0), image(1)], text=prompts, padding=True, return_tensors="pt")["attention_mask"]
+        mask = processor(images=[image(0), image(1)], text=prompts, padding=True, return_tensors="pt")[
+            "attention_mask"
+        ]
         assert mask[1, 0 if side == "left" else -1] == 0 and mask[0].all()
 
 

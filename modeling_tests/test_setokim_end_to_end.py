@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import setokim_for, tiny_setok_config
+from conftest import run_without_plugin, setokim_for, tiny_setok_config
 from PIL import Image
 from transformers import (
     AutoModel,
@@ -79,7 +75,12 @@ def test_text_streamer_prints_the_answer(chat_model, tiny_processor: SetokimProc
 
 def test_image_text_to_text_pipeline(chat_model, tiny_processor: SetokimProcessor) -> None:
     answerer = pipeline("image-text-to-text", model=chat_model, processor=tiny_processor)
-    messages = [{"role": "user", "content": [{"type": "image", "image": picture(0)}, {"type": "text", "text": "What is in the picture?"}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": picture(0)}, {"type": "text", "text": "What is in the picture?"}],
+        }
+    ]
     result = answerer(text=messages, max_new_tokens=6, do_sample=False, return_full_text=False)
     prompt = tiny_processor.apply_chat_template(QUESTION, add_generation_prompt=True)
     inputs = tiny_processor(images=[picture(0)], text=[prompt], return_tensors="pt")
@@ -119,45 +120,30 @@ def test_saved_folder_is_what_the_hub_gets(chat_model, tiny_processor: SetokimPr
         torch.testing.assert_close(reloaded(**inputs).logits, chat_model(**inputs).logits, rtol=0, atol=0)
 
 
-REMOTE_SCRIPT = textwrap.dedent(
-    """
-    import importlib.abc, sys
-    import numpy as np, torch
-    from PIL import Image
+REMOTE_SCRIPT = """
+import sys
+import numpy as np
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    class NoPlugin(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name.split(".")[0] == "transformers_setok":
-                raise ImportError("the plugin is not installed here")
-
-    sys.meta_path.insert(0, NoPlugin())
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    folder = sys.argv[1]
-    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
-    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    assert "transformers_setok" not in sys.modules
-    image = Image.fromarray((np.random.default_rng(0).random((48, 40, 3)) * 255).astype(np.uint8))
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(images=[image], text=[prompt], return_tensors="pt")
-    out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-    print(type(model).__name__, type(processor).__name__, out[0].tolist())
-    """
-)
+folder = sys.argv[1]
+model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+assert "transformers_setok" not in sys.modules
+image = Image.fromarray((np.random.default_rng(0).random((48, 40, 3)) * 255).astype(np.uint8))
+messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]}]
+prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+print(type(model).__name__, type(processor).__name__, out[0].tolist())
+"""
 
 
 def test_trust_remote_code_generates_without_the_plugin(chat_model, tiny_processor, tmp_path: Path) -> None:
     folder = tmp_path / "setokim"
     save_checkpoint(chat_model, tiny_processor, folder)
-    script = tmp_path / "remote.py"
-    script.write_text(REMOTE_SCRIPT)
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, str(script), str(folder)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
-    )
-    assert result.returncode == 0, result.stderr
-    name, processor_name, tokens = result.stdout.strip().splitlines()[-1].split(" ", 2)
+    stdout = run_without_plugin(REMOTE_SCRIPT, str(folder), workdir=tmp_path)
+    name, processor_name, tokens = stdout.strip().splitlines()[-1].split(" ", 2)
     assert (name, processor_name) == ("SetokimForConditionalGeneration", "SetokimProcessor")
     prompt = tiny_processor.apply_chat_template(QUESTION, add_generation_prompt=True)
     inputs = tiny_processor(images=[picture(0)], text=[prompt], return_tensors="pt")
@@ -171,9 +157,15 @@ def tiny_llama(tokenizer_dir: Path, folder: Path) -> LlamaForCausalLM:
     torch.manual_seed(1)
     model = LlamaForCausalLM(
         LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
         )
     ).eval()
     model.save_pretrained(folder)

@@ -337,11 +337,15 @@ def test_lora_on_the_language_model(processor: SetokimProcessor, tmp_path: Path)
 
     model.save_pretrained(tmp_path / "adapter")
     files = {path.name for path in (tmp_path / "adapter").iterdir()}
-    assert {"adapter_config.json", "adapter_model.safetensors"} <= files <= {
-        "adapter_config.json",
-        "adapter_model.safetensors",
-        "README.md",
-    }
+    assert (
+        {"adapter_config.json", "adapter_model.safetensors"}
+        <= files
+        <= {
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "README.md",
+        }
+    )
     with safe_open(tmp_path / "adapter" / "adapter_model.safetensors", "pt") as saved:
         assert all("lora_" in key for key in saved.keys())
         assert sum(saved.get_tensor(key).numel() for key in saved.keys()) == lora_size

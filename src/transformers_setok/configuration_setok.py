@@ -96,7 +96,8 @@ class SetokConfig(PreTrainedConfig):
         """Reject clustering settings that cannot work, naming the argument."""
         if self.vision_feature_select_strategy not in ("full", "default"):
             raise ValueError(
-                f"vision_feature_select_strategy must be 'full' or 'default', got {self.vision_feature_select_strategy!r}"
+                "vision_feature_select_strategy must be 'full' or 'default', "
+                f"got {self.vision_feature_select_strategy!r}"
             )
         if self.cluster_k < 1:
             raise ValueError(f"cluster_k must be >= 1, got {self.cluster_k}")

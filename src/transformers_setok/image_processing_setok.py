@@ -37,7 +37,9 @@ class SetokImageProcessor(PilBackend):
         if array.size == 0:
             raise ValueError(f"images: got an image with no pixels (shape {array.shape})")
         if array.ndim not in (2, 3):
-            raise ValueError(f"images: each image must be (height, width) or have a channel axis, got shape {array.shape}")
+            raise ValueError(
+                f"images: each image must be (height, width) or have a channel axis, got shape {array.shape}"
+            )
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise ValueError("images: pixel values must be finite, found NaN or infinity")
         if array.ndim == 3 and not ({array.shape[0], array.shape[-1]} & {1, 3, 4}):
@@ -48,7 +50,11 @@ class SetokImageProcessor(PilBackend):
         """Like the base `preprocess`, also taking 2-D arrays as single grayscale images."""
         if isinstance(images, (list, tuple)) and len(images) == 0:
             raise ValueError("images: got an empty list; pass at least one image")
-        images = [with_channel_axis(image) for image in images] if isinstance(images, (list, tuple)) else with_channel_axis(images)
+        images = (
+            [with_channel_axis(image) for image in images]
+            if isinstance(images, (list, tuple))
+            else with_channel_axis(images)
+        )
         return super().preprocess(images, *args, **kwargs)
 
 

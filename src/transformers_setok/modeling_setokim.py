@@ -200,9 +200,14 @@ class SetokimModel(SetokimPreTrainedModel):
                 "pass the images the placeholders stand for"
             )
         per_row = is_image.sum(dim=1)
-        if image_embeds.dim() != 3 or image_embeds.shape[0] != len(input_ids) or int(per_row.max()) > image_embeds.shape[1]:
+        if (
+            image_embeds.dim() != 3
+            or image_embeds.shape[0] != len(input_ids)
+            or int(per_row.max()) > image_embeds.shape[1]
+        ):
             raise ValueError(
-                f"image_embeds of shape {tuple(image_embeds.shape)} cannot fill {per_row.tolist()} image positions per row"
+                f"image_embeds of shape {tuple(image_embeds.shape)} cannot fill {per_row.tolist()} image positions "
+                "per row"
             )
         filled = torch.arange(image_embeds.shape[1], device=input_ids.device)[None, :] < per_row[:, None]
         return inputs_embeds.masked_scatter(is_image[..., None], image_embeds[filled].to(inputs_embeds.dtype))
@@ -236,7 +241,11 @@ class SetokimModel(SetokimPreTrainedModel):
                     "given with them"
                 )
             prepared = self.prepare_multimodal_inputs(input_ids, pixel_values, attention_mask, labels)
-            input_ids, attention_mask, position_ids = prepared.input_ids, prepared.attention_mask, prepared.position_ids
+            input_ids, attention_mask, position_ids = (
+                prepared.input_ids,
+                prepared.attention_mask,
+                prepared.position_ids,
+            )
             labels, image_embeds, image_features = prepared.labels, prepared.image_embeds, prepared.image_features
         if inputs_embeds is None:
             inputs_embeds = self.embed_with_images(input_ids, image_embeds)
@@ -311,7 +320,9 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
 
         text_config = language_model.config
         if text_config.pad_token_id is None:
-            text_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            text_config.pad_token_id = (
+                tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            )
         config = SetokimConfig(
             setok_config=setok.config,
             text_config=text_config,
@@ -431,7 +442,9 @@ def load_setok(vision: str | PreTrainedModel, **setok_kwargs: Any) -> SetokModel
         vision = SetokModel.from_pretrained(vision) if is_setok else AutoModel.from_pretrained(vision)
     if isinstance(vision, SetokModel):
         if setok_kwargs:
-            raise ValueError(f"{sorted(setok_kwargs)} configure a fresh SeTok; a pretrained SetokModel keeps its config")
+            raise ValueError(
+                f"{sorted(setok_kwargs)} configure a fresh SeTok; a pretrained SetokModel keeps its config"
+            )
         return vision
     if hasattr(vision.config, "vision_config"):  # a CLIP/SigLIP-style dual encoder: keep its vision tower
         vision = vision.vision_model
