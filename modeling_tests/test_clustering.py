@@ -104,6 +104,18 @@ def test_duplicated_rows_get_identical_distance_rows(dtype: torch.dtype) -> None
             assert (rows[:, pick[b] == source] == 0).all()
 
 
+def test_distances_match_elementwise_cdist_and_do_not_depend_on_the_batch() -> None:
+    generator = torch.Generator().manual_seed(12)
+    features = torch.randn(4, 200, 64, generator=generator) * 2 + 0.5
+    distances = pairwise_distances(features)
+    exact = torch.cdist(features.double(), features.double(), compute_mode="donot_use_mm_for_euclid_dist") / 8
+    torch.testing.assert_close(distances.double(), exact, rtol=1e-6, atol=1e-6)
+    assert torch.equal(distances, distances.transpose(1, 2))
+    assert (distances.diagonal(dim1=1, dim2=2) == 0).all()
+    for image in range(4):
+        assert torch.equal(pairwise_distances(features[image : image + 1])[0], distances[image])
+
+
 def test_identical_features_give_one_token() -> None:
     features = torch.ones(1, 25, 4)
     result = density_peak_clustering(features, k=5, threshold=0.0)
