@@ -12,6 +12,7 @@ from huggingface_hub.errors import StrictDataclassError
 from PIL import Image, ImageDraw
 
 from transformers_setok import SetokImageProcessor, SetokModel
+from transformers_setok.clustering import density_peak_clustering
 from transformers_setok.modeling_setok import sincos_position_code
 
 
@@ -212,3 +213,15 @@ def test_bad_input_is_named(tiny_setok: SetokModel, pixels, kwargs: dict, error:
 def test_bad_config_is_named(overrides: dict, message: str) -> None:
     with pytest.raises(StrictDataclassError, match=message):
         tiny_setok_config(**overrides)
+
+
+def test_bfloat16_model_runs_and_clusters_in_float32() -> None:
+    torch.manual_seed(0)
+    model = SetokModel(tiny_setok_config()).eval().to(torch.bfloat16)
+    with torch.no_grad():
+        out = model(pixel_values(sample_images()).to(torch.bfloat16))
+    assert out.tokens.dtype == torch.bfloat16 and torch.isfinite(out.tokens.float()).all()
+    assert out.scores.dtype == torch.float32
+    features = out.patch_features + sincos_position_code(8, 8, 32, torch.bfloat16, torch.device("cpu"))
+    as_float = density_peak_clustering(features.float(), k=5, threshold=0.3)
+    assert torch.equal(out.assignment, as_float.assignment), "bf16 features cluster as their float32 values do"

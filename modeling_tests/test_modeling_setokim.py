@@ -245,3 +245,10 @@ def test_projector_types(projector_type: str, linears: int) -> None:
     layers = [m for m in model.model.multi_modal_projector if isinstance(m, torch.nn.Linear)]
     assert len(layers) == linears
     assert layers[0].in_features == 24 and layers[-1].out_features == 32
+
+
+def test_bfloat16_generate_runs(tiny_setokim: SetokimForConditionalGeneration) -> None:
+    model = tiny_setokim.to(torch.bfloat16)
+    ids = torch.tensor([[1, *IMAGE, 5, 6]])
+    out = model.generate(input_ids=ids, pixel_values=images(1).to(torch.bfloat16), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 4) and torch.equal(out[:, : ids.shape[1]], ids)

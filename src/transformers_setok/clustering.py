@@ -172,7 +172,8 @@ def density_peak_clustering(
         raise ValueError(f"max_tokens ({max_tokens}) must be >= min_tokens ({min_tokens})")
 
     with torch.no_grad():
-        distances = pairwise_distances(features.detach())
+        # half-precision features (a bf16 model) are clustered in float32: 8 mantissa bits cannot rank distances
+        distances = pairwise_distances(features.detach().to(torch.promote_types(features.dtype, torch.float32)))
         density = local_density(distances, valid_mask, k).masked_fill(~valid_mask, 0.0)
         delta = distance_to_denser(distances, density, valid_mask).masked_fill(~valid_mask, 0.0)
         scores = density * delta
