@@ -52,7 +52,6 @@ import ctypes
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -67,7 +66,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-import transformers  # noqa: E402
+from machine import machine_info  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig  # noqa: E402
@@ -444,35 +443,14 @@ RATIO_KEYS = {
 }
 
 
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo (or what `platform` knows)."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def machine_info() -> dict[str, Any]:
-    """Software versions and hardware the numbers were taken on."""
-    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    return {
-        "cpu_model": cpu_model(),
-        "cpu_bf16_flags": sorted(flag for flag in flags.split() if "bf16" in flag),
-        "logical_cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "total_memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB, 1),
-        "load_average_at_start": os.getloadavg(),
-        "other_cpus_at_start": other_cpus_now(),
-    }
+def run_machine_info() -> dict[str, Any]:
+    """`machine.machine_info()` plus how many CPUs other processes kept busy at the start."""
+    return {**machine_info(), "other_cpus_at_start": other_cpus_now()}
 
 
 def run(sizes: Sizes, dtype_name: str, repeats: int, budget_s: float, seed: int) -> dict[str, Any]:
     """Measure both models on every prompt; return the results as a dict."""
-    machine = machine_info()
+    machine = run_machine_info()
     if machine["other_cpus_at_start"] > 0.25:
         logger.warning(
             "other processes keep %.2f of %d CPUs busy: timings will be slower and noisier than on an idle machine",

@@ -23,7 +23,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -37,7 +36,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-import transformers  # noqa: E402
+from machine import machine_info  # noqa: E402
 from transformers import SiglipVisionConfig  # noqa: E402
 
 from transformers_setok import SetokConfig  # noqa: E402
@@ -186,29 +185,6 @@ def max_token_difference(batched: torch.Tensor, num_tokens: torch.Tensor, refere
             return float("inf")
         difference = max(difference, (actual - expected).abs().max().item())
     return difference
-
-
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo (or what `platform` knows)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def machine_info() -> dict[str, Any]:
-    """Software versions and hardware the numbers were taken on."""
-    return {
-        "cpu_model": cpu_model(),
-        "logical_cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
 
 
 def run(sizes: Sizes, batch_size: int, encoder_batch_size: int, repeats: int, budget_s: float, seed: int) -> dict:
