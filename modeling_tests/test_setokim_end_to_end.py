@@ -229,3 +229,22 @@ def test_compose_needs_a_tokenizer_for_a_model_object(tiny_tokenizer_dir: Path, 
         SetokimForConditionalGeneration.from_parts(str(tmp_path / "setok"), language_model)
     with pytest.raises(ValueError, match="pretrained SetokModel keeps its config"):
         SetokimForConditionalGeneration.from_parts(str(tmp_path / "setok"), str(tmp_path / "llm"), token_size=8)
+
+
+def test_compose_in_bfloat16_keeps_one_dtype_through_save_and_load(tiny_tokenizer_dir: Path, tmp_path: Path) -> None:
+    tiny_llama(tiny_tokenizer_dir, tmp_path / "llm")
+    vision_parts(tmp_path)
+    model, processor = SetokimForConditionalGeneration.from_parts(
+        str(tmp_path / "siglip_vision"),
+        str(tmp_path / "llm"),
+        dtype=torch.bfloat16,
+        num_attention_heads=2,
+        intermediate_size=64,
+        token_size=24,
+    )
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    save_checkpoint(model, processor, tmp_path / "composed")
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "composed", dtype="auto")
+    assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="not a whole Setokim"):
+        SetokimForConditionalGeneration.from_parts(str(tmp_path / "composed"), str(tmp_path / "llm"))

@@ -291,6 +291,7 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         language_model: str | PreTrainedModel,
         tokenizer: str | PreTrainedTokenizerBase | None = None,
         projector_type: str = "mlp2x_gelu",
+        dtype: torch.dtype | None = None,
         **setok_kwargs: Any,
     ) -> tuple[SetokimForConditionalGeneration, SetokimProcessor]:
         """A Setokim assembled from pretrained parts, ready for training, and the processor that goes with it.
@@ -301,6 +302,7 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
             language_model: any causal LM (a model or folder / Hub id).
             tokenizer: its tokenizer; loaded from `language_model` when that is a path.
             projector_type: `"linear"` or `"mlp{N}x_gelu"`.
+            dtype: the composed model's dtype (the parts' own dtypes by default: float32 unless they differ).
             setok_kwargs: `SetokConfig` settings (threshold, budget, merger sizes) for a fresh SeTok.
 
         `[Img]`, `[/Img]` and `<image>` are added to the tokenizer; their embeddings start at the mean of the
@@ -332,7 +334,10 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
             image_end_token_id=processor.image_end_token_id,
             tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
         )
-        model = cls(config)
+        # the parts' configs carry the dtypes of their source checkpoints; the composed model has one dtype
+        for part in (config.setok_config, config.setok_config.vision_config, config.text_config):
+            part.dtype = None
+        model = cls._from_config(config, dtype=dtype) if dtype is not None else cls(config)
         model.model.setok.load_state_dict(setok.state_dict())
         model.model.language_model.load_state_dict(language_model.get_decoder().state_dict())
         model.lm_head.load_state_dict(language_model.get_output_embeddings().state_dict())
@@ -437,9 +442,15 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
 
 def load_setok(vision: str | PreTrainedModel, **setok_kwargs: Any) -> SetokModel:
     """A SeTok tokenizer as given, or a fresh one around a pretrained vision encoder."""
+    not_a_setokim = "vision must be a SeTok tokenizer or a vision encoder, not a whole Setokim"
     if isinstance(vision, str):
-        is_setok = AutoConfig.from_pretrained(vision).model_type == SetokConfig.model_type
+        model_type = AutoConfig.from_pretrained(vision).model_type
+        if model_type == SetokimConfig.model_type:
+            raise ValueError(not_a_setokim)
+        is_setok = model_type == SetokConfig.model_type
         vision = SetokModel.from_pretrained(vision) if is_setok else AutoModel.from_pretrained(vision)
+    if isinstance(vision, SetokimPreTrainedModel):
+        raise ValueError(not_a_setokim)
     if isinstance(vision, SetokModel):
         if setok_kwargs:
             raise ValueError(
