@@ -25,7 +25,12 @@ from .configuration_setok import SetokConfig
 from .configuration_setokim import SetokimConfig
 from .image_processing_setok import SetokImageProcessor
 from .modeling_setok import SetokModel, SetokModelOutput, check_pixel_values
-from .placeholder_expansion import ExpandedInputs, expand_image_placeholders, pack_image_embeds
+from .placeholder_expansion import (
+    ExpandedInputs,
+    check_placeholder_count,
+    expand_image_placeholders,
+    pack_image_embeds,
+)
 from .processing_setokim import SetokimProcessor
 
 
@@ -161,12 +166,7 @@ class SetokimModel(SetokimPreTrainedModel):
             raise ValueError("pixel_values need input_ids holding one image placeholder per image")
         check_pixel_values(pixel_values, self.config.setok_config.vision_config.num_channels)
         image_token_id = self.config.image_token_id
-        num_placeholders = int((input_ids == image_token_id).sum())
-        if num_placeholders != len(pixel_values):
-            raise ValueError(
-                f"input_ids hold {num_placeholders} image placeholders (id {image_token_id}) but pixel_values holds "
-                f"{len(pixel_values)} images; the processor writes one placeholder per image"
-            )
+        check_placeholder_count(input_ids, image_token_id, len(pixel_values))  # before the encoder runs
         features = self.get_image_features(pixel_values)
         pad_token_id = self.config.text_config.pad_token_id
         expanded: ExpandedInputs = expand_image_placeholders(

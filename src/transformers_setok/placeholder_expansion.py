@@ -43,6 +43,16 @@ def pack_rows(
     return packed, lengths
 
 
+def check_placeholder_count(input_ids: torch.LongTensor, image_token_id: int, num_images: int) -> None:
+    """One placeholder per image, or a `ValueError` that names both counts."""
+    num_placeholders = int((input_ids == image_token_id).sum())
+    if num_placeholders != num_images:
+        raise ValueError(
+            f"input_ids hold {num_placeholders} image placeholders (id {image_token_id}) but {num_images} images "
+            "were given (pixel_values); the processor writes one placeholder per image"
+        )
+
+
 def expand_image_placeholders(
     input_ids: torch.LongTensor,
     attention_mask: torch.Tensor | None,
@@ -60,13 +70,8 @@ def expand_image_placeholders(
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, sequence), got shape {tuple(input_ids.shape)}")
+    check_placeholder_count(input_ids, image_token_id, len(num_image_tokens))
     is_placeholder = input_ids == image_token_id
-    num_placeholders = int(is_placeholder.sum())
-    if num_placeholders != len(num_image_tokens):
-        raise ValueError(
-            f"input_ids hold {num_placeholders} image placeholders but {len(num_image_tokens)} images were given; "
-            "the processor writes one placeholder per image"
-        )
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if padding_side is None:
