@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,25 +40,6 @@ SETOK_FLAGS = {
     "token_size": "token_size",
     "vision_feature_layer": "vision_feature_layer",
 }
-
-
-@contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    """Build new modules in `dtype`, so a large model is never materialised in float32 first."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def set_config_dtype(config: Any, dtype: torch.dtype) -> None:
-    """Record `dtype` in a config and all its sub-configs, so `from_pretrained` loads every part in it."""
-    config.dtype = dtype
-    for name in getattr(config, "sub_configs", {}):
-        if getattr(config, name, None) is not None:
-            set_config_dtype(getattr(config, name), dtype)
 
 
 def compose_setokim(
@@ -110,12 +89,9 @@ def compose_setokim(
     if not isinstance(tokenizer, PreTrainedTokenizerBase):
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
     resolved = language_model.dtype if wanted == "auto" else wanted
-    with default_dtype(resolved):
-        model, processor = SetokimForConditionalGeneration.from_parts(
-            vision, language_model, tokenizer=tokenizer, projector_type=projector_type, **setok_kwargs
-        )
-    model = model.to(resolved)
-    set_config_dtype(model.config, resolved)
+    model, processor = SetokimForConditionalGeneration.from_parts(
+        vision, language_model, tokenizer=tokenizer, projector_type=projector_type, dtype=resolved, **setok_kwargs
+    )
     if output is not None:
         model.save_pretrained(output, max_shard_size=max_shard_size)
         processor.save_pretrained(output)
