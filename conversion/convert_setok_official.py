@@ -821,8 +821,7 @@ def convert_setok(
     shapes, tied = expected_shapes(SetokModel, config)
     mapper.check_against(shapes, tied)
     model = build_model(SetokModel, config, mapper, allow_partial, dtype)
-    size = config.vision_config.image_size
-    result = ConversionResult(model, SetokImageProcessor(size={"height": size, "width": size}), mapper.report)
+    result = ConversionResult(model, SetokImageProcessor.for_encoder(config.vision_config), mapper.report)
     if output is not None:
         save(result, output, max_shard_size)
     return result
@@ -908,8 +907,7 @@ def convert_setokim(
     setok_config = setok_config_from_official(
         source, SETOKIM_SETOK_PREFIX, settings, vision, min_tokens, mapper.report
     )
-    size = vision.image_size
-    processor = SetokimProcessor(SetokImageProcessor(size={"height": size, "width": size}), tokenizer)
+    processor = SetokimProcessor(SetokImageProcessor.for_encoder(vision), tokenizer)
     embeddings = source.get("model.embed_tokens.weight")
     rows = int(embeddings.shape[0]) if embeddings is not None else int(official.get("vocab_size", official_size))
     if official_size > rows:

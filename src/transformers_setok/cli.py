@@ -34,12 +34,6 @@ def sample_image_paths() -> list[Path]:
     return [SAMPLE_IMAGE_DIR / name for name in ("flat.png", "shapes.png", "clutter.png")]
 
 
-def siglip_processor(config: SetokConfig) -> SetokImageProcessor:
-    """The default image processor resizing to the encoder's square input, for checkpoints that lack one."""
-    side = config.vision_config.image_size
-    return SetokImageProcessor(size={"height": side, "width": side})
-
-
 def demo_tokenizer() -> tuple[SetokModel, SetokImageProcessor]:
     """A tiny SeTok with random weights (SigLIP-style, 128x128 input, 16x16 patch grid), the same on every call.
 
@@ -64,7 +58,7 @@ def demo_tokenizer() -> tuple[SetokModel, SetokImageProcessor]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(DEMO_SEED)
         model = SetokModel(config)
-    return model.eval(), siglip_processor(config)
+    return model.eval(), SetokImageProcessor.for_encoder(config.vision_config)
 
 
 def load_tokenizer(model_path: str | None) -> tuple[SetokModel, SetokImageProcessor]:
@@ -80,7 +74,7 @@ def load_tokenizer(model_path: str | None) -> tuple[SetokModel, SetokImageProces
     try:
         processor = SetokImageProcessor.from_pretrained(model_path)
     except OSError:
-        processor = siglip_processor(model.config)
+        processor = SetokImageProcessor.for_encoder(model.config.vision_config)
         print(
             f"warning: {model_path} has no image processor config; resizing images to "
             f"{processor.size.height}x{processor.size.width} with SigLIP normalisation",

@@ -31,6 +31,12 @@ class SetokImageProcessor(PilBackend):
     do_convert_rgb = True
     model_input_names = ["pixel_values"]
 
+    @classmethod
+    def for_encoder(cls, vision_config: Any) -> SetokImageProcessor:
+        """The default processor resizing to a vision encoder's square input (`vision_config.image_size`)."""
+        side = vision_config.image_size
+        return cls(size={"height": side, "width": side})
+
     def process_image(self, image: Any, *args: Any, **kwargs: Any) -> np.ndarray:
         """Check one image, then convert it to a channel-first RGB array."""
         array = np.asarray(image.detach().cpu() if hasattr(image, "detach") else image)

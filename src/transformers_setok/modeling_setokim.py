@@ -316,8 +316,7 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
             raise ValueError("tokenizer is required when language_model is a model rather than a path")
         if isinstance(tokenizer, str):
             tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-        image_size = setok.config.vision_config.image_size
-        processor = SetokimProcessor(SetokImageProcessor(size={"height": image_size, "width": image_size}), tokenizer)
+        processor = SetokimProcessor(SetokImageProcessor.for_encoder(setok.config.vision_config), tokenizer)
         resize_embeddings_to_mean(language_model, len(tokenizer))
 
         text_config = language_model.config
