@@ -44,6 +44,21 @@ def tiny_setok_config(**overrides) -> SetokConfig:
     return SetokConfig(**settings)
 
 
+def randomize_weights(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Set every parameter (biases and norms included) to seeded random values; returns `model`.
+
+    A freshly initialised model has zero biases and unit norms, which a checkpoint that forgets them would
+    re-create exactly on load; round trips run on these trained-looking weights instead. Parameters that start
+    at one (norm scales) stay near one, the rest near zero, so activations keep a sensible scale.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            noise = torch.randn(parameter.shape, generator=generator) / max(parameter.shape[-1], 1) ** 0.5
+            parameter.copy_((0.5 * noise + (parameter == 1).float()).to(parameter.dtype))
+    return model
+
+
 @pytest.fixture
 def tiny_setok() -> SetokModel:
     torch.manual_seed(0)
