@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ from transformers.utils import ModelOutput
 from .configuration_setok import SetokConfig
 from .configuration_setokim import SetokimConfig
 from .image_processing_setok import SetokImageProcessor
+from .model_card import write_model_card
 from .modeling_setok import SetokModel, SetokModelOutput, check_pixel_values
 from .placeholder_expansion import (
     ExpandedInputs,
@@ -121,6 +123,12 @@ class SetokimPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_attention_backend = True
     _no_split_modules = ["SetokAttentionLayer"]
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """Save as Transformers does, then add a model card unless the folder has one."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_model_card(save_directory, self.config)
 
 
 class SetokimModel(SetokimPreTrainedModel):
