@@ -1,16 +1,40 @@
-"""Setokim: placeholder expansion, loss, generate() with every strategy, batching, round trips, errors."""
+"""Setokim: placeholder expansion, loss, generate() with every strategy, batching, round trips, errors.
+
+The forward, loss and batching tests run on three language-model families: Llama and Qwen2 (rotary positions,
+which hide a uniform shift of the position ids) and GPT-2 (learned absolute positions, which do not).
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import IMAGE_END_ID, IMAGE_START_ID, IMAGE_TOKEN_ID, PAD_ID, tiny_setokim_config
+from conftest import IMAGE_END_ID, IMAGE_START_ID, IMAGE_TOKEN_ID, PAD_ID, randomize_weights, tiny_setokim_config
+from torch.nn import functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from transformers_setok import SetokimForConditionalGeneration
 from transformers_setok.placeholder_expansion import IGNORE_INDEX
 
 IMAGE = [IMAGE_START_ID, IMAGE_TOKEN_ID, IMAGE_END_ID]
+SPECIAL_IDS = dict(pad_token_id=PAD_ID, bos_token_id=1, eos_token_id=2)
+TEXT_CONFIGS = {
+    "llama": tiny_setokim_config().text_config.to_dict(),
+    "qwen2": dict(
+        model_type="qwen2", vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **SPECIAL_IDS,
+    ),
+    "gpt2": dict(
+        model_type="gpt2", vocab_size=120, n_embd=32, n_layer=2, n_head=4, n_positions=512,
+        tie_word_embeddings=False, **SPECIAL_IDS,
+    ),
+}  # fmt: skip
+
+
+@pytest.fixture(params=sorted(TEXT_CONFIGS))
+def any_setokim(request: pytest.FixtureRequest) -> SetokimForConditionalGeneration:
+    """A tiny Setokim on each language-model family."""
+    torch.manual_seed(0)
+    return SetokimForConditionalGeneration(tiny_setokim_config(text_config=TEXT_CONFIGS[request.param])).eval()
 
 
 def images(count: int, seed: int = 0) -> torch.Tensor:
@@ -24,36 +48,91 @@ def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def reference_logits(model: SetokimForConditionalGeneration, row: list[int], pixels: torch.Tensor) -> torch.Tensor:
-    """Logits of one unpadded prompt, building its embedding sequence piece by piece."""
-    features = model.get_image_features(pixels)
+def reference_projector(model: SetokimForConditionalGeneration, tokens: torch.Tensor) -> torch.Tensor:
+    """The `mlp{N}x_gelu` projector written from its weights: linear maps with exact GELUs between them."""
+    linears = [layer for layer in model.model.multi_modal_projector if isinstance(layer, torch.nn.Linear)]
+    for index, layer in enumerate(linears):
+        tokens = tokens @ layer.weight.T + layer.bias
+        if index < len(linears) - 1:
+            tokens = 0.5 * tokens * (1 + torch.erf(tokens / 2**0.5))
+    return tokens
+
+
+def row_pixels(pixels: torch.Tensor, at: slice) -> torch.Tensor | None:
+    return pixels[at] if at.stop > at.start else None
+
+
+def reference_logits(
+    model: SetokimForConditionalGeneration, row: list[int], pixels: torch.Tensor | None
+) -> torch.Tensor:
+    """Logits of one unpadded prompt, building its embedding sequence piece by piece.
+
+    Each placeholder becomes its image's SeTok tokens through the projector written out above; the language model
+    then runs alone, with its own default positions `0..n-1`.
+    """
+    setok = model.model.setok(pixels) if pixels is not None else None
     embed = model.get_input_embeddings()
     pieces, image = [], 0
     for token in row:
         if token == IMAGE_TOKEN_ID:
-            count = int(features.num_tokens[image])
-            pieces.append(features.image_embeds[image, :count])
+            count = int(setok.num_tokens[image])
+            pieces.append(reference_projector(model, setok.tokens[image, :count]))
             image += 1
         else:
-            pieces.append(embed(torch.tensor([token])))
+            pieces.append(embed.weight[token][None])
     hidden = model.model.language_model(inputs_embeds=torch.cat(pieces)[None]).last_hidden_state
-    return model.lm_head(hidden)[0]
+    return hidden[0] @ model.lm_head.weight.T
 
 
-def test_logits_align_with_a_piecewise_reference(tiny_setokim: SetokimForConditionalGeneration) -> None:
-    rows = [[1, *IMAGE, 5, 6, 7], [1, 8, *IMAGE, 9, *IMAGE, 10, 11]]
+# three rows of different lengths: one image, two images, none
+ROWS = [[1, *IMAGE, 5, 6, 7], [1, 8, *IMAGE, 9, *IMAGE, 10, 11], [1, 12, 13]]
+ROW_IMAGES = [slice(0, 1), slice(1, 3), slice(3, 3)]
+
+
+def test_logits_align_with_a_piecewise_reference(any_setokim: SetokimForConditionalGeneration) -> None:
     pixels = images(3)
-    ids, mask = left_pad(rows)
+    ids, mask = left_pad(ROWS)
     with torch.no_grad():
-        out = tiny_setokim(input_ids=ids, pixel_values=pixels, attention_mask=mask)
-        expected = [
-            reference_logits(tiny_setokim, rows[0], pixels[:1]),
-            reference_logits(tiny_setokim, rows[1], pixels[1:]),
-        ]
+        out = any_setokim(input_ids=ids, pixel_values=pixels, attention_mask=mask)
+        expected = [reference_logits(any_setokim, row, row_pixels(pixels, at)) for row, at in zip(ROWS, ROW_IMAGES)]
+    width = out.logits.shape[1]
     for row, reference in enumerate(expected):
         length = len(reference)
-        assert int(out.attention_mask[row].sum()) == length
+        assert out.attention_mask[row].tolist() == [0] * (width - length) + [1] * length
         torch.testing.assert_close(out.logits[row, -length:], reference, atol=1e-5, rtol=1e-4)
+
+
+def test_left_padded_rows_equal_each_row_alone(any_setokim: SetokimForConditionalGeneration) -> None:
+    """A row's logits depend neither on the padding in front of it nor on the other rows of the batch."""
+    pixels = images(3, seed=5)
+    ids, mask = left_pad(ROWS)
+    with torch.no_grad():
+        batched = any_setokim(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits
+        for index, (row, at) in enumerate(zip(ROWS, ROW_IMAGES)):
+            alone = any_setokim(input_ids=torch.tensor([row]), pixel_values=row_pixels(pixels, at)).logits[0]
+            torch.testing.assert_close(batched[index, -len(alone) :], alone, atol=1e-5, rtol=1e-4, msg=f"row {index}")
+
+
+def expanded_targets(row: list[int], num_tokens: list[int]) -> list[int]:
+    """The row's ids with each placeholder replaced by its image's count of `-100`s."""
+    counts = iter(num_tokens)
+    return [t for token in row for t in ([IGNORE_INDEX] * next(counts) if token == IMAGE_TOKEN_ID else [token])]
+
+
+def test_loss_of_a_left_padded_batch_equals_the_reference(any_setokim: SetokimForConditionalGeneration) -> None:
+    pixels = images(3, seed=6)
+    ids, mask = left_pad(ROWS)
+    first = mask.cumsum(dim=1) == 1  # a row's first token has nothing before it to predict it
+    labels = ids.masked_fill((mask == 0) | first, IGNORE_INDEX)
+    with torch.no_grad():
+        out = any_setokim(input_ids=ids, pixel_values=pixels, attention_mask=mask, labels=labels)
+        num_tokens = any_setokim.model.setok(pixels).num_tokens.tolist()
+        logits, targets = [], []
+        for row, at in zip(ROWS, ROW_IMAGES):
+            logits.append(reference_logits(any_setokim, row, row_pixels(pixels, at))[:-1])
+            targets.append(torch.tensor(expanded_targets(row, num_tokens[at])[1:]))
+    manual = F.cross_entropy(torch.cat(logits), torch.cat(targets), ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(out.loss, manual, atol=1e-5, rtol=1e-5)
 
 
 def test_loss_on_text_targets_only_and_gradients_reach_projector_and_merger(
@@ -77,6 +156,17 @@ def test_loss_on_text_targets_only_and_gradients_reach_projector_and_merger(
         assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
 
 
+def test_position_ids_count_attended_tokens_from_zero(tiny_setokim: SetokimForConditionalGeneration) -> None:
+    """A left-padded row gets the positions `0..n-1` it gets alone, whatever the padding before it."""
+    ids, mask = left_pad(ROWS)
+    for padding_side in ("left", "right"):
+        with torch.no_grad():
+            prepared = tiny_setokim.model.prepare_multimodal_inputs(ids, images(3), mask, padding_side=padding_side)
+        for row in range(len(ROWS)):
+            attended = prepared.attention_mask[row].bool()
+            assert prepared.position_ids[row, attended].tolist() == list(range(int(attended.sum()))), padding_side
+
+
 def test_text_only_batch_equals_the_plain_language_model(tiny_setokim: SetokimForConditionalGeneration) -> None:
     config = tiny_setokim.config.text_config
     plain = LlamaForCausalLM(LlamaConfig(**config.to_dict())).eval()
@@ -96,34 +186,23 @@ def greedy(model, ids, mask, pixels, **kwargs) -> torch.Tensor:
     )
 
 
-def test_batched_left_padded_greedy_equals_alone(tiny_setokim: SetokimForConditionalGeneration) -> None:
-    short = [1, *IMAGE, 5, 6]
-    longer = [1, 9, 9, 8, *IMAGE, 7, 7, 10, 11, 12]
-    pixels = images(2)
-    alone_ids = torch.tensor([short])
-    alone = greedy(tiny_setokim, alone_ids, torch.ones_like(alone_ids), pixels[:1])
-    ids, mask = left_pad([short, longer])
-    batched = greedy(tiny_setokim, ids, mask, pixels)
+def test_batched_left_padded_greedy_equals_each_row_alone(any_setokim: SetokimForConditionalGeneration) -> None:
+    rows = [[1, *IMAGE, 5, 6], [1, 9, 9, 8, *IMAGE, 7, 7, 10, 11, 12], [1, *IMAGE, 8, *IMAGE, 9], [1, 5, 6, 7]]
+    at = [slice(0, 1), slice(1, 2), slice(2, 4), slice(4, 4)]
+    pixels = images(4)
     with torch.no_grad():
-        counts = tiny_setokim.get_image_features(pixels).num_tokens
-    assert counts[0] != counts[1], "the two images give different token counts"
-    assert torch.equal(batched[:, : ids.shape[1]], ids), "sequences start with the caller's input_ids"
-    assert torch.equal(batched[0, ids.shape[1] :], alone[0, alone_ids.shape[1] :])
-
-
-def test_rows_without_images_and_several_images_per_prompt(tiny_setokim: SetokimForConditionalGeneration) -> None:
-    rows = [[1, 5, 6, 7], [1, *IMAGE, 8, *IMAGE, 9], [1, *IMAGE, 10]]
-    pixels = images(3, seed=4)
+        counts = any_setokim.get_image_features(pixels).num_tokens
+    assert len(set(counts.tolist())) == 4, "the images give different token counts, so the rows are re-padded"
     ids, mask = left_pad(rows)
-    batched = greedy(tiny_setokim, ids, mask, pixels)
-    starts = [0, 0, 2]
-    for row, (tokens, first) in enumerate(zip(rows, starts)):
+    batched = greedy(any_setokim, ids, mask, pixels)
+    assert torch.equal(batched[:, : ids.shape[1]], ids), "sequences start with the caller's input_ids"
+    for row, (tokens, images_at) in enumerate(zip(rows, at)):
         row_ids = torch.tensor([tokens])
-        count = sum(t == IMAGE_TOKEN_ID for t in tokens)
-        alone = greedy(
-            tiny_setokim, row_ids, torch.ones_like(row_ids), pixels[first : first + count] if count else None
-        )
-        assert torch.equal(batched[row, ids.shape[1] :], alone[0, row_ids.shape[1] :])
+        alone = greedy(any_setokim, row_ids, torch.ones_like(row_ids), row_pixels(pixels, images_at))
+        assert torch.equal(batched[row, ids.shape[1] :], alone[0, row_ids.shape[1] :]), f"row {row}"
+        with torch.no_grad():
+            reference = reference_logits(any_setokim, tokens, row_pixels(pixels, images_at))
+        assert alone[0, row_ids.shape[1]] == reference[-1].argmax(), f"row {row}: the first new token"
 
 
 def test_cache_and_no_cache_agree(tiny_setokim: SetokimForConditionalGeneration) -> None:
@@ -185,6 +264,7 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path, tiny_setokim) -> 
 
     ids = torch.tensor([[1, *IMAGE, 5, 6]])
     pixels = images(1)
+    randomize_weights(tiny_setokim, seed=2)  # biases and norms a save that forgot them would re-create differently
     tiny_setokim.save_pretrained(tmp_path)
     reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
     assert type(reloaded) is SetokimForConditionalGeneration
@@ -195,7 +275,10 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path, tiny_setokim) -> 
         after = reloaded(input_ids=ids, pixel_values=pixels)
         hidden = base(input_ids=ids, pixel_values=pixels).last_hidden_state
     assert torch.equal(before.logits, after.logits)
+    assert torch.equal(before.image_features.image_embeds, after.image_features.image_embeds)
     torch.testing.assert_close(tiny_setokim.lm_head(hidden), before.logits)
+    prompt = dict(input_ids=ids, pixel_values=pixels, max_new_tokens=6, do_sample=False)
+    assert torch.equal(reloaded.generate(**prompt), tiny_setokim.generate(**prompt))
 
 
 def test_tied_embeddings_follow_the_text_config() -> None:
