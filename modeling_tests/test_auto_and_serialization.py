@@ -6,15 +6,16 @@ import json
 from pathlib import Path
 
 import torch
-from conftest import run_without_plugin, tiny_setok_config
+from conftest import randomize_weights, run_without_plugin, tiny_setok_config
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
 from transformers_setok import SetokConfig, SetokImageProcessor, SetokModel
 
 
 def save_tiny_setok(folder: Path) -> tuple[SetokModel, torch.Tensor]:
+    """A tiny SeTok with trained-looking weights saved in `folder` with its image processor, and two images."""
     torch.manual_seed(0)
-    model = SetokModel(tiny_setok_config()).eval()
+    model = randomize_weights(SetokModel(tiny_setok_config()), seed=1).eval()  # no zero biases or unit norms
     model.save_pretrained(folder)
     SetokImageProcessor(size={"height": 64, "width": 64}).save_pretrained(folder)
     pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
@@ -35,9 +36,11 @@ def test_save_load_round_trip_is_identical(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*.bin"))
     reloaded = SetokModel.from_pretrained(tmp_path).eval()
     with torch.no_grad():
-        before, after = model(pixels), reloaded(pixels)
+        before, after = model(pixels, min_tokens=4), reloaded(pixels, min_tokens=4)
     assert torch.equal(before.assignment, after.assignment)
     assert torch.equal(before.tokens, after.tokens)
+    for name, value in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], value), name
     for field in ("cluster_k", "cluster_threshold", "min_tokens", "max_tokens", "hidden_size", "token_size"):
         assert getattr(reloaded.config, field) == getattr(model.config, field), field
     for field in ("hidden_size", "num_hidden_layers", "image_size", "patch_size"):
@@ -68,7 +71,7 @@ processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
 assert "transformers_setok" not in sys.modules
 assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
 with torch.no_grad():
-    out = model(torch.load(sys.argv[2], weights_only=True))
+    out = model(torch.load(sys.argv[2], weights_only=True), min_tokens=4)
 torch.save({"tokens": out.tokens, "assignment": out.assignment}, sys.argv[3])
 print(type(model).__name__, type(processor).__name__)
 """
@@ -84,6 +87,6 @@ def test_trust_remote_code_loads_without_the_plugin(tmp_path: Path) -> None:
     assert "SetokModel SetokImageProcessor" in stdout
     remote = torch.load(tmp_path / "out.pt", weights_only=True)
     with torch.no_grad():
-        local = model(pixels)
+        local = model(pixels, min_tokens=4)  # several tokens per image, so attention and pooling take part
     assert torch.equal(remote["assignment"], local.assignment)
     torch.testing.assert_close(remote["tokens"], local.tokens, atol=1e-6, rtol=0)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_setok_config
+from conftest import randomize_weights, tiny_setok_config
 from huggingface_hub.errors import StrictDataclassError
 from PIL import Image, ImageDraw
 
@@ -56,24 +56,63 @@ def test_position_code_matches_official_layout(height: int, width: int, dim: int
     torch.testing.assert_close(code, reference_position_code(height, width, dim), atol=1e-6, rtol=0)
 
 
+def reference_layer_norm(x: torch.Tensor, state: dict, name: str, eps: float) -> torch.Tensor:
+    mean = x.mean(dim=-1, keepdim=True)
+    variance = ((x - mean) ** 2).mean(dim=-1, keepdim=True)
+    return (x - mean) / torch.sqrt(variance + eps) * state[f"{name}.weight"] + state[f"{name}.bias"]
+
+
+def reference_linear(x: torch.Tensor, state: dict, name: str) -> torch.Tensor:
+    return x @ state[f"{name}.weight"].T + state[f"{name}.bias"]
+
+
+def reference_attention(x: torch.Tensor, state: dict, name: str, heads: int) -> torch.Tensor:
+    """Softmax attention among all of `x` (`(n, width)`), written as matrix products: `softmax(q k^T / sqrt(d)) v`."""
+    length, width = x.shape
+    head_size = width // heads
+    query, key, value = reference_linear(x, state, f"{name}.qkv").view(length, 3, heads, head_size).unbind(1)
+    query, key, value = (t.transpose(0, 1) for t in (query, key, value))  # (heads, n, head_size)
+    scores = query @ key.transpose(1, 2) / math.sqrt(head_size)
+    weights = scores.exp() / scores.exp().sum(dim=-1, keepdim=True)
+    mixed = (weights @ value).transpose(0, 1).reshape(length, width)
+    return reference_linear(mixed, state, f"{name}.proj")
+
+
+def reference_encoder(x: torch.Tensor, state: dict, name: str, config) -> torch.Tensor:
+    """A merger encoder: residual pre-norm attention layers, then one residual pre-norm GELU MLP."""
+    eps = config.layer_norm_eps
+    depth = 1 + max(int(key.split(".")[2]) for key in state if key.startswith(f"{name}.layers."))
+    for index in range(depth):
+        layer = f"{name}.layers.{index}"
+        normed = reference_layer_norm(x, state, f"{layer}.norm", eps)
+        x = x + reference_attention(normed, state, f"{layer}.attention", config.num_attention_heads)
+    hidden = reference_linear(reference_layer_norm(x, state, f"{name}.mlp_norm", eps), state, f"{name}.mlp.fc1")
+    hidden = 0.5 * hidden * (1 + torch.erf(hidden / math.sqrt(2)))
+    return x + reference_linear(hidden, state, f"{name}.mlp.fc2")
+
+
 def per_cluster_merger(model: SetokModel, features: torch.Tensor, assignment: torch.Tensor) -> torch.Tensor:
-    """Tokens of one image, running the inner encoder on every cluster's members alone."""
-    merger = model.merger
-    pooled = []
-    for cluster in range(int(assignment.max()) + 1):
-        members = features[assignment == cluster][None]
-        everyone = torch.ones(1, members.shape[1], members.shape[1], dtype=torch.bool)
-        pooled.append(merger.inner_encoder(members, everyone)[0].mean(dim=0))
-    tokens = torch.stack(pooled)[None]
-    everyone = torch.ones(1, tokens.shape[1], tokens.shape[1], dtype=torch.bool)
-    return merger.out(merger.inter_encoder(tokens, everyone))[0]
+    """Tokens of one image from the merger's weights alone.
+
+    Every cluster runs through the inner encoder by itself and is mean-pooled; the cluster tokens then run through
+    the inter encoder and the output layer.
+    """
+    state = model.merger.state_dict()
+    config = model.config
+    pooled = [
+        reference_encoder(features[assignment == cluster], state, "inner_encoder", config).mean(dim=0)
+        for cluster in range(int(assignment.max()) + 1)
+    ]
+    return reference_linear(reference_encoder(torch.stack(pooled), state, "inter_encoder", config), state, "out")
 
 
 @pytest.mark.parametrize("threshold", [0.3, 0.5])
 def test_batched_merger_equals_per_cluster_reference(tiny_setok: SetokModel, threshold: float) -> None:
+    randomize_weights(tiny_setok.merger, seed=3)  # non-zero biases and non-unit norms, as after training
     with torch.no_grad():
         out = tiny_setok(pixel_values(sample_images()), cluster_threshold=threshold)
         features = out.patch_features + sincos_position_code(8, 8, 32, torch.float32, torch.device("cpu"))
+        assert out.num_tokens.min() < out.num_tokens.max() and int(out.num_tokens.max()) > 2
         for image in range(3):
             reference = per_cluster_merger(tiny_setok, features[image], out.assignment[image])
             count = int(out.num_tokens[image])
