@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_without_plugin, setokim_for, tiny_setok_config
+from conftest import randomize_weights, run_without_plugin, setokim_for, tiny_setok_config
 from PIL import Image
 from transformers import (
     AutoModel,
@@ -94,7 +94,20 @@ def save_checkpoint(model: SetokimForConditionalGeneration, processor: SetokimPr
     processor.save_pretrained(folder)
 
 
+def assert_same_answers(
+    reloaded: SetokimForConditionalGeneration, model: SetokimForConditionalGeneration, processor: SetokimProcessor
+) -> None:
+    """Same logits and the same greedy tokens for a batch of two pictures."""
+    prompt = processor.apply_chat_template(QUESTION, add_generation_prompt=True)
+    inputs = processor(images=[picture(0), picture(1)], text=[prompt, prompt], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+    expected = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert torch.equal(reloaded.generate(**inputs, max_new_tokens=6, do_sample=False), expected)
+
+
 def test_saved_folder_is_what_the_hub_gets(chat_model, tiny_processor: SetokimProcessor, tmp_path: Path) -> None:
+    randomize_weights(chat_model, seed=1)  # biases and norms that a save forgetting them would re-create differently
     save_checkpoint(chat_model, tiny_processor, tmp_path)
     files = {path.name for path in tmp_path.iterdir()}
     assert {"model.safetensors", "config.json", "generation_config.json", "processor_config.json"} <= files
@@ -113,11 +126,7 @@ def test_saved_folder_is_what_the_hub_gets(chat_model, tiny_processor: SetokimPr
     assert type(AutoProcessor.from_pretrained(tmp_path)) is SetokimProcessor
     assert type(AutoModel.from_pretrained(tmp_path)) is SetokimModel
     reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
-    processor = AutoProcessor.from_pretrained(tmp_path)
-    prompt = processor.apply_chat_template(QUESTION, add_generation_prompt=True)
-    inputs = processor(images=[picture(0)], text=[prompt], return_tensors="pt")
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(**inputs).logits, chat_model(**inputs).logits, rtol=0, atol=0)
+    assert_same_answers(reloaded, chat_model, AutoProcessor.from_pretrained(tmp_path))
 
 
 REMOTE_SCRIPT = """
@@ -141,6 +150,7 @@ print(type(model).__name__, type(processor).__name__, out[0].tolist())
 
 def test_trust_remote_code_generates_without_the_plugin(chat_model, tiny_processor, tmp_path: Path) -> None:
     folder = tmp_path / "setokim"
+    randomize_weights(chat_model, seed=2)
     save_checkpoint(chat_model, tiny_processor, folder)
     stdout = run_without_plugin(REMOTE_SCRIPT, str(folder), workdir=tmp_path)
     name, processor_name, tokens = stdout.strip().splitlines()[-1].split(" ", 2)
@@ -213,13 +223,12 @@ def test_compose_from_pretrained_parts(tiny_tokenizer_dir: Path, tmp_path: Path,
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits[..., :old_vocab], language_model(input_ids=ids).logits)
 
+    randomize_weights(model, seed=3)  # as after training: the composed model is saved with non-trivial weights
     save_checkpoint(model, processor, tmp_path / "composed")
     reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "composed").eval()
     reprocessor = AutoProcessor.from_pretrained(tmp_path / "composed")
-    prompt = reprocessor.apply_chat_template(QUESTION, add_generation_prompt=True)
-    inputs = reprocessor(images=[picture(0)], text=[prompt], return_tensors="pt")
-    out = reloaded.generate(**inputs, max_new_tokens=4, do_sample=False)
-    assert out.shape == (1, inputs["input_ids"].shape[1] + 4)
+    reprocessor.tokenizer.padding_side = "left"
+    assert_same_answers(reloaded, model, reprocessor)
 
 
 def test_compose_needs_a_tokenizer_for_a_model_object(tiny_tokenizer_dir: Path, tmp_path: Path) -> None:
@@ -243,8 +252,11 @@ def test_compose_in_bfloat16_keeps_one_dtype_through_save_and_load(tiny_tokenize
         token_size=24,
     )
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    randomize_weights(model, seed=4)
     save_checkpoint(model, processor, tmp_path / "composed")
-    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "composed", dtype="auto")
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "composed", dtype="auto").eval()
     assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
+    processor.tokenizer.padding_side = "left"
+    assert_same_answers(reloaded, model, processor)
     with pytest.raises(ValueError, match="not a whole Setokim"):
         SetokimForConditionalGeneration.from_parts(str(tmp_path / "composed"), str(tmp_path / "llm"))
