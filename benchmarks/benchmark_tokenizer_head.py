@@ -141,12 +141,12 @@ def reference_tokenize(
         for cluster in range(int(clusters.num_tokens[0])):
             members = hidden[assignment == cluster][None]
             everyone = torch.ones(1, members.shape[1], members.shape[1], dtype=torch.bool, device=hidden.device)
-            pooled.append(merger.inner_encoder(members, everyone).mean(dim=1))
+            pooled.append(merger.inner_encoder(members, everyone)[0].mean(dim=1))
         cluster_tokens = torch.cat(pooled)[None]
         everyone = torch.ones(
             1, cluster_tokens.shape[1], cluster_tokens.shape[1], dtype=torch.bool, device=hidden.device
         )
-        tokens.append(merger.out(merger.inter_encoder(cluster_tokens, everyone))[0])
+        tokens.append(merger.out(merger.inter_encoder(cluster_tokens, everyone)[0])[0])
     return tokens
 
 

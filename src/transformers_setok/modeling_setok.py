@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -10,10 +12,13 @@ from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import ModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput, logging
 
 from .clustering import density_peak_clustering
 from .configuration_setok import SetokConfig
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -29,6 +34,9 @@ class SetokModelOutput(ModelOutput):
         scores: `(batch, num_patches)` density-peak score `density * delta` of every patch.
         patch_features: `(batch, num_patches, vision_hidden_size)` encoder features the tokens were built from.
         grid_size: `(height, width)` of the patch grid, so `assignment.view(batch, *grid_size)` is a label map.
+        hidden_states: with `output_hidden_states=True`, every hidden state of the vision encoder.
+        attentions: with `output_attentions=True`, the merger's attention weights `(batch, heads, query, key)`,
+            inner layers first, then inter layers (`None` entries where the kernel gives no weights: use eager).
     """
 
     tokens: torch.FloatTensor | None = None
@@ -39,6 +47,12 @@ class SetokModelOutput(ModelOutput):
     scores: torch.FloatTensor | None = None
     patch_features: torch.FloatTensor | None = None
     grid_size: tuple[int, int] | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor | None, ...] | None = None
+
+
+CLUSTERING_ARGUMENTS = ("cluster_threshold", "min_tokens", "max_tokens", "cluster_k")
+"""The per-call clustering overrides every tokenizing entry point takes (the config's values otherwise)."""
 
 
 def sincos_position_code(height: int, width: int, dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -59,29 +73,72 @@ def sincos_position_code(height: int, width: int, dim: int, dtype: torch.dtype, 
     return torch.cat((rows, cols), dim=-1)[..., :dim].reshape(height * width, dim).to(dtype)
 
 
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain softmax attention with an additive mask; the `attn_implementation="eager"` path."""
+    weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def additive_attention_mask(allowed: torch.BoolTensor, dtype: torch.dtype) -> torch.Tensor:
+    """`(batch, query, key)` allowed pairs -> the `(batch, 1, query, key)` additive mask attention kernels take."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )[:, None]
+
+
 class SetokAttention(nn.Module):
-    """Multi-head self-attention with a boolean `(batch, query, key)` mask of allowed pairs."""
+    """Multi-head self-attention over allowed pairs, through Transformers' attention interface.
+
+    `config._attn_implementation` picks the kernel (`eager`, `sdpa`, or any registered one that takes an
+    arbitrary additive mask), so `attn_implementation=` and `set_attn_implementation` reach the merger.
+    """
+
+    is_causal = False
 
     def __init__(self, config: SetokConfig) -> None:
         super().__init__()
+        self.config = config
         self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.attention_dropout = config.attention_dropout
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.BoolTensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`attention_mask` is additive, `(batch, 1, query, key)`; returns the output and the attention weights
+        (`None` where the kernel does not give them)."""
         batch_size, length, width = hidden_states.shape
-        qkv = self.qkv(hidden_states).view(batch_size, length, 3, self.num_heads, width // self.num_heads)
+        qkv = self.qkv(hidden_states).view(batch_size, length, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        attended = nn.functional.scaled_dot_product_attention(
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        attended, weights = attention(
+            self,
             query,
             key,
             value,
-            attn_mask=attention_mask[:, None],
-            dropout_p=self.attention_dropout if self.training else 0.0,
+            attention_mask,
+            scaling=self.scaling,
+            dropout=self.attention_dropout if self.training else 0.0,
+            is_causal=False,
         )
-        return self.dropout(self.proj(attended.transpose(1, 2).reshape(batch_size, length, width)))
+        return self.dropout(self.proj(attended.reshape(batch_size, length, width))), weights
 
 
 class SetokMLP(nn.Module):
@@ -104,8 +161,11 @@ class SetokAttentionLayer(GradientCheckpointingLayer):
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attention = SetokAttention(config)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.BoolTensor) -> torch.Tensor:
-        return hidden_states + self.attention(self.norm(hidden_states), attention_mask)
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attended, weights = self.attention(self.norm(hidden_states), attention_mask)
+        return hidden_states + attended, weights
 
 
 class SetokMergerEncoder(nn.Module):
@@ -121,10 +181,17 @@ class SetokMergerEncoder(nn.Module):
         self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = SetokMLP(config)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.BoolTensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, allowed: torch.BoolTensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+        """`allowed` is the `(batch, query, key)` boolean mask of pairs that may attend; returns the states and
+        each layer's attention weights."""
+        attention_mask = additive_attention_mask(allowed, hidden_states.dtype)
+        all_weights = []
         for layer in self.layers:
-            hidden_states = layer(hidden_states, attention_mask)
-        return hidden_states + self.mlp(self.mlp_norm(hidden_states))
+            hidden_states, weights = layer(hidden_states, attention_mask)
+            all_weights.append(weights)
+        return hidden_states + self.mlp(self.mlp_norm(hidden_states)), tuple(all_weights)
 
 
 class SetokTokenMerger(nn.Module):
@@ -143,9 +210,11 @@ class SetokTokenMerger(nn.Module):
 
     def forward(
         self, patches: torch.Tensor, assignment: torch.LongTensor, token_mask: torch.BoolTensor
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+        """Tokens `(batch, max_tokens, token_size)` (zeros in padding slots) and the attention weights of every
+        inner layer, then every inter layer."""
         same_cluster = assignment[:, :, None] == assignment[:, None, :]
-        patches = self.inner_encoder(patches, same_cluster)
+        patches, inner_weights = self.inner_encoder(patches, same_cluster)
 
         membership = nn.functional.one_hot(assignment.clamp(min=0), token_mask.shape[1]).to(patches.dtype)
         membership = membership * (assignment >= 0)[..., None].to(patches.dtype)
@@ -153,8 +222,9 @@ class SetokTokenMerger(nn.Module):
         pooled = membership.transpose(1, 2) @ patches / sizes[..., None]
 
         pairs = token_mask[:, None, :].expand(-1, token_mask.shape[1], -1)
-        tokens = self.out(self.inter_encoder(pooled, pairs))
-        return tokens * token_mask[..., None].to(tokens.dtype)
+        merged, inter_weights = self.inter_encoder(pooled, pairs)
+        tokens = self.out(merged)
+        return tokens * token_mask[..., None].to(tokens.dtype), inner_weights + inter_weights
 
 
 class SetokPreTrainedModel(PreTrainedModel):
@@ -192,19 +262,46 @@ class SetokModel(SetokPreTrainedModel):
 
     def get_patch_features(self, pixel_values: torch.FloatTensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Encoder features of the configured layer, `(batch, height * width, vision_hidden_size)`, and the grid."""
-        check_pixel_values(pixel_values, self.config.vision_config.num_channels)
-        encoded = self.vision_model(pixel_values=pixel_values, output_hidden_states=True)
+        features, grid_size, _ = self.encode(pixel_values)
+        return features, grid_size
+
+    def encode(
+        self, pixel_values: torch.FloatTensor
+    ) -> tuple[torch.Tensor, tuple[int, int], tuple[torch.Tensor, ...]]:
+        """Patch features of the configured layer, the patch grid, and every hidden state of the encoder.
+
+        Images of another size than the encoder was built for are encoded at their own resolution where the
+        encoder can interpolate its position embeddings (SigLIP, CLIP, ViT), so the grid follows the image.
+        """
+        vision_config = self.config.vision_config
+        check_pixel_values(pixel_values, vision_config.num_channels)
+        patch_size = vision_config.patch_size
+        height, width = pixel_values.shape[-2:]
+        if height % patch_size or width % patch_size:
+            raise ValueError(
+                f"pixel_values of size {(height, width)} do not split into {patch_size}x{patch_size} patches; "
+                f"resize images to multiples of {patch_size} (the image processor does this)"
+            )
+        encoder_kwargs = {}
+        if (height, width) != (vision_config.image_size, vision_config.image_size):
+            if "interpolate_pos_encoding" not in inspect.signature(self.vision_model.forward).parameters:
+                raise ValueError(
+                    f"pixel_values must be {vision_config.image_size}x{vision_config.image_size} for this encoder "
+                    f"({type(self.vision_model).__name__} cannot interpolate its position embeddings), got "
+                    f"{height}x{width}; use the checkpoint's image processor"
+                )
+            encoder_kwargs["interpolate_pos_encoding"] = True
+        encoded = self.vision_model(pixel_values=pixel_values, output_hidden_states=True, **encoder_kwargs)
         features = encoded.hidden_states[self.config.vision_feature_layer]
         if self.config.vision_feature_select_strategy == "default":
             features = features[:, 1:]
-        patch_size = self.config.vision_config.patch_size
-        grid_size = (pixel_values.shape[-2] // patch_size, pixel_values.shape[-1] // patch_size)
+        grid_size = (height // patch_size, width // patch_size)
         if grid_size[0] * grid_size[1] != features.shape[1]:
             raise ValueError(
-                f"pixel_values of size {tuple(pixel_values.shape[-2:])} give a {grid_size} patch grid, but the "
-                f"encoder returned {features.shape[1]} patch features; check vision_feature_select_strategy"
+                f"pixel_values of size {(height, width)} give a {grid_size} patch grid, but the encoder returned "
+                f"{features.shape[1]} patch features; check vision_feature_select_strategy"
             )
-        return features, grid_size
+        return features, grid_size, encoded.hidden_states
 
     def tokenize_features(
         self,
@@ -214,6 +311,7 @@ class SetokModel(SetokPreTrainedModel):
         min_tokens: int | None = None,
         max_tokens: int | None = None,
         cluster_k: int | None = None,
+        output_attentions: bool = False,
     ) -> SetokModelOutput:
         """Cluster and merge precomputed patch features (the tokenizer head, encoder excluded)."""
         config = self.config
@@ -227,7 +325,7 @@ class SetokModel(SetokPreTrainedModel):
             min_tokens=config.min_tokens if min_tokens is None else min_tokens,
             max_tokens=config.max_tokens if max_tokens is None else max_tokens,
         )
-        tokens = self.merger(self.input_projection(features), clusters.assignment, clusters.center_mask)
+        tokens, attentions = self.merger(self.input_projection(features), clusters.assignment, clusters.center_mask)
         return SetokModelOutput(
             tokens=tokens,
             token_mask=clusters.center_mask,
@@ -237,6 +335,7 @@ class SetokModel(SetokPreTrainedModel):
             scores=clusters.scores,
             patch_features=patch_features,
             grid_size=grid_size,
+            attentions=attentions if output_attentions else None,
         )
 
     def forward(
@@ -246,20 +345,31 @@ class SetokModel(SetokPreTrainedModel):
         min_tokens: int | None = None,
         max_tokens: int | None = None,
         cluster_k: int | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
     ) -> SetokModelOutput:
         """Tokenize `pixel_values` of shape `(batch, channels, height, width)`.
 
         `cluster_threshold`, `min_tokens`, `max_tokens` and `cluster_k` override the config for this call.
         """
-        patch_features, grid_size = self.get_patch_features(pixel_values)
-        return self.tokenize_features(
+        patch_features, grid_size, hidden_states = self.encode(pixel_values)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        output = self.tokenize_features(
             patch_features,
             grid_size,
             cluster_threshold=cluster_threshold,
             min_tokens=min_tokens,
             max_tokens=max_tokens,
             cluster_k=cluster_k,
+            output_attentions=self.config.output_attentions if output_attentions is None else output_attentions,
         )
+        output.hidden_states = hidden_states if output_hidden_states else None
+        return output
+
+
+UNNORMALISED_PIXEL_BOUND = 5.0
+"""Normalised pixels stay within about 2.7 in magnitude (ImageNet statistics); raw 0-255 ones go far past 5."""
 
 
 def check_pixel_values(pixel_values: torch.Tensor, num_channels: int) -> None:
@@ -276,6 +386,12 @@ def check_pixel_values(pixel_values: torch.Tensor, num_channels: int) -> None:
         raise ValueError(f"pixel_values must have {num_channels} channels, got {pixel_values.shape[1]}")
     if not torch.isfinite(pixel_values).all():
         raise ValueError("pixel_values must be finite, found NaN or infinity")
+    largest = float(pixel_values.abs().amax())
+    if largest > UNNORMALISED_PIXEL_BOUND:
+        logger.warning(
+            f"pixel_values reach {largest:g}: they look unnormalised (raw 0-255 pixels?); the encoder expects "
+            "normalised values, which the image processor gives: processor(images=..., return_tensors='pt')"
+        )
 
 
 __all__ = ["SetokModel", "SetokModelOutput", "SetokPreTrainedModel"]

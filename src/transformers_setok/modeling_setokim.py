@@ -18,9 +18,12 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 from transformers.cache_utils import Cache
+from transformers.generation import BaseStreamer, LogitsProcessor, LogitsProcessorList
 from transformers.generation.utils import GenerateOutput
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_setok import SetokConfig
 from .configuration_setokim import SetokimConfig
@@ -30,6 +33,7 @@ from .modeling_setok import SetokModel, SetokModelOutput, check_pixel_values
 from .placeholder_expansion import (
     ExpandedInputs,
     check_placeholder_count,
+    drop_leading_image_embeds,
     expand_image_placeholders,
     pack_image_embeds,
 )
@@ -37,10 +41,15 @@ from .processing_setokim import SetokimProcessor
 
 
 @dataclass
-class SetokimImageFeatures(ModelOutput):
-    """Images as the language model sees them.
+class SetokimImageFeatures(BaseModelOutputWithPooling):
+    """Images as the language model sees them, in the shape of Transformers' `get_image_features` outputs.
 
     Attributes:
+        last_hidden_state: `(num_images, num_patches, vision_hidden_size)` encoder features the tokens were built
+            from.
+        pooler_output: one `(num_tokens_i, text_hidden_size)` tensor per image: its projected tokens, unpadded.
+        hidden_states: with `output_hidden_states=True`, every hidden state of the vision encoder.
+        attentions: with `output_attentions=True`, the token merger's attention weights.
         image_embeds: `(num_images, max_tokens, text_hidden_size)` projected tokens; padding slots are meaningless.
         token_mask: `(num_images, max_tokens)` which slots hold a real token.
         num_tokens: `(num_images,)` tokens per image.
@@ -55,15 +64,19 @@ class SetokimImageFeatures(ModelOutput):
 
 @dataclass
 class SetokimMultimodalInputs(ModelOutput):
-    """Text inputs with every image placeholder expanded, and the image embeddings that fill them.
+    """Text inputs with every image placeholder expanded, and the images that fill them.
 
     Attributes:
-        input_ids, attention_mask, position_ids, labels: the expanded sequence (labels `-100` on image positions).
-        image_embeds: `(batch, max image tokens per row, text_hidden_size)` each row's image tokens in order.
+        input_ids: the expanded ids (when ids were given); image positions hold the placeholder id.
+        inputs_embeds: the expanded embeddings with the images written in (when embeddings were given).
+        attention_mask, position_ids, labels: of the expanded sequence (labels `-100` on image positions).
+        image_embeds: `(batch, max image tokens per row, text_hidden_size)` each row's image tokens in order, which
+            fill the image positions of `input_ids`.
         image_features: what [`SetokimModel.get_image_features`] returned.
     """
 
     input_ids: torch.LongTensor | None = None
+    inputs_embeds: torch.FloatTensor | None = None
     attention_mask: torch.LongTensor | None = None
     position_ids: torch.LongTensor | None = None
     labels: torch.LongTensor | None = None
@@ -101,6 +114,20 @@ class SetokimCausalLMOutputWithPast(CausalLMOutputWithPast):
     image_features: SetokimImageFeatures | None = None
 
 
+FORWARD_KWARGS = frozenset(TransformersKwargs.__annotations__)
+"""Keyword arguments `forward` passes on to the language model (the ones every Transformers model takes)."""
+
+
+def check_forward_kwargs(kwargs: dict[str, Any]) -> None:
+    """Refuse keyword arguments no part of the model reads, instead of letting the language model drop them."""
+    unknown = sorted(set(kwargs) - FORWARD_KWARGS)
+    if unknown:
+        raise TypeError(
+            f"Setokim got unexpected keyword argument(s) {unknown}. Images go in as pixel_values: prepare the "
+            "inputs with the processor, processor(images=..., text=..., return_tensors='pt'), and pass model(**inputs)"
+        )
+
+
 class SetokimProjector(nn.Sequential):
     """`linear` or `mlp{N}x_gelu`: token width -> LLM width (the LLaVA projector shapes)."""
 
@@ -118,10 +145,11 @@ class SetokimPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
+    _can_compile_fullgraph = False
     _no_split_modules = ["SetokAttentionLayer"]
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
@@ -137,6 +165,9 @@ class SetokimModel(SetokimPreTrainedModel):
     The vision encoder starts frozen, as in the paper; `training.set_trainable` chooses what trains.
     """
 
+    # a whole Setokim checkpoint also loads as its base model: the LM head is simply not part of it
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
+
     def __init__(self, config: SetokimConfig) -> None:
         super().__init__(config)
         self.setok = SetokModel(config.setok_config)
@@ -151,48 +182,117 @@ class SetokimModel(SetokimPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
-    def get_image_features(self, pixel_values: torch.FloatTensor) -> SetokimImageFeatures:
-        """Tokenize images with SeTok and project the tokens to the language model's width."""
-        tokenizer_output = self.setok(pixel_values)
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.FloatTensor,
+        cluster_threshold: float | None = None,
+        min_tokens: int | None = None,
+        max_tokens: int | None = None,
+        cluster_k: int | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+    ) -> SetokimImageFeatures:
+        """Tokenize images with SeTok and project the tokens to the language model's width.
+
+        The clustering arguments override the SeTok config for this call, as in [`SetokModel.forward`].
+        """
+        tokenizer_output = self.setok(
+            pixel_values,
+            cluster_threshold=cluster_threshold,
+            min_tokens=min_tokens,
+            max_tokens=max_tokens,
+            cluster_k=cluster_k,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
+        image_embeds = self.multi_modal_projector(tokenizer_output.tokens)
         return SetokimImageFeatures(
-            image_embeds=self.multi_modal_projector(tokenizer_output.tokens),
+            last_hidden_state=tokenizer_output.patch_features,
+            pooler_output=tuple(embeds[:count] for embeds, count in zip(image_embeds, tokenizer_output.num_tokens)),
+            hidden_states=tokenizer_output.hidden_states,
+            attentions=tokenizer_output.attentions,
+            image_embeds=image_embeds,
             token_mask=tokenizer_output.token_mask,
             num_tokens=tokenizer_output.num_tokens,
             tokenizer_output=tokenizer_output,
         )
 
+    def placeholder_embedding(self) -> torch.Tensor:
+        """The input embedding of the `<image>` placeholder, by which it is found in caller-given `inputs_embeds`."""
+        embeddings = self.get_input_embeddings()
+        return embeddings(torch.tensor(self.config.image_token_id, device=embeddings.weight.device))
+
+    def get_placeholder_mask(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None
+    ) -> torch.BoolTensor:
+        """Where the `<image>` placeholders stand: by id, or (as LLaVA does) by their embedding."""
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        return (inputs_embeds == self.placeholder_embedding().to(inputs_embeds.dtype)).all(dim=-1)
+
+    def check_context_length(self, attention_mask: torch.Tensor, num_tokens: torch.LongTensor) -> None:
+        """Refuse an expanded sequence the language model has no positions for, before it runs."""
+        limit = getattr(self.config.text_config, "max_position_embeddings", None)
+        length = attention_mask.shape[1]
+        if limit is None or length <= limit:
+            return
+        setok_config = self.config.setok_config
+        raise ValueError(
+            f"with its image tokens the input is {length} positions long, more than the language model's "
+            f"{limit} (max_position_embeddings); the images became {num_tokens.tolist()} tokens. Bound the count "
+            f"with max_tokens (now {setok_config.max_tokens}) or raise cluster_threshold (now "
+            f"{setok_config.cluster_threshold}), per call or in config.setok_config, or send fewer images"
+        )
+
     def prepare_multimodal_inputs(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None,
         pixel_values: torch.FloatTensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
         padding_side: str | None = None,
+        **clustering: Any,
     ) -> SetokimMultimodalInputs:
-        """Tokenize the images, then expand each placeholder to its image's tokens (shared by forward and generate)."""
-        if input_ids is None:
-            raise ValueError("pixel_values need input_ids holding one image placeholder per image")
+        """Tokenize the images, then expand each placeholder to its image's tokens (shared by forward and generate).
+
+        The placeholders are found in `input_ids`, or in `inputs_embeds` by their embedding; `clustering` holds
+        per-call overrides of the SeTok config (`cluster_threshold`, `min_tokens`, `max_tokens`, `cluster_k`).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError(
+                "pixel_values need exactly one of input_ids and inputs_embeds, holding one image placeholder per image"
+            )
         check_pixel_values(pixel_values, self.config.setok_config.vision_config.num_channels)
-        image_token_id = self.config.image_token_id
-        check_placeholder_count(input_ids, image_token_id, len(pixel_values))  # before the encoder runs
-        features = self.get_image_features(pixel_values)
+        placeholder_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
+        check_placeholder_count(placeholder_mask, self.config.image_token_id, len(pixel_values))  # before encoding
+        features = self.get_image_features(pixel_values, **clustering)
         pad_token_id = self.config.text_config.pad_token_id
         expanded: ExpandedInputs = expand_image_placeholders(
-            input_ids,
+            placeholder_mask,
             attention_mask,
             features.num_tokens,
-            image_token_id,
-            pad_token_id if pad_token_id is not None else 0,
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
             labels=labels,
+            pad_token_id=pad_token_id if pad_token_id is not None else 0,
             padding_side=padding_side,
         )
-        image_rows = (input_ids == image_token_id).nonzero()[:, 0]
+        self.check_context_length(expanded.attention_mask, features.num_tokens)
+        image_rows = placeholder_mask.nonzero()[:, 0]
+        image_embeds = pack_image_embeds(features.image_embeds, features.token_mask, image_rows, len(placeholder_mask))
+        filled_embeds = None
+        if expanded.inputs_embeds is not None:
+            filled_embeds = fill_image_positions(expanded.inputs_embeds, expanded.image_mask, image_embeds)
+            image_embeds = None
         return SetokimMultimodalInputs(
             input_ids=expanded.input_ids,
+            inputs_embeds=filled_embeds,
             attention_mask=expanded.attention_mask,
             position_ids=expanded.position_ids,
             labels=expanded.labels,
-            image_embeds=pack_image_embeds(features.image_embeds, features.token_mask, image_rows, len(input_ids)),
+            image_embeds=image_embeds,
             image_features=features,
         )
 
@@ -207,73 +307,116 @@ class SetokimModel(SetokimPreTrainedModel):
                 f"input_ids hold {int(is_image.sum())} image positions but no pixel_values were given; "
                 "pass the images the placeholders stand for"
             )
-        per_row = is_image.sum(dim=1)
-        if (
-            image_embeds.dim() != 3
-            or image_embeds.shape[0] != len(input_ids)
-            or int(per_row.max()) > image_embeds.shape[1]
-        ):
-            raise ValueError(
-                f"image_embeds of shape {tuple(image_embeds.shape)} cannot fill {per_row.tolist()} image positions "
-                "per row"
-            )
-        filled = torch.arange(image_embeds.shape[1], device=input_ids.device)[None, :] < per_row[:, None]
-        return inputs_embeds.masked_scatter(is_image[..., None], image_embeds[filled].to(inputs_embeds.dtype))
+        return fill_image_positions(inputs_embeds, is_image, image_embeds)
 
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         image_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        **kwargs: Any,
+        cluster_threshold: float | None = None,
+        min_tokens: int | None = None,
+        max_tokens: int | None = None,
+        cluster_k: int | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> SetokimModelOutputWithPast:
         """Run the language model over text with images.
 
-        With `pixel_values`, `input_ids` hold one placeholder per image (as the processor writes them) and are
-        expanded here; `labels`, if given, are expanded alongside and returned. Without them, `input_ids` may
-        already be expanded, with `image_embeds` (from `prepare_multimodal_inputs`) filling the image positions.
+        With `pixel_values`, `input_ids` (or `inputs_embeds`) hold one placeholder per image, as the processor
+        writes them, and are expanded here; `labels`, if given, are expanded alongside and returned. Without them,
+        `input_ids` may already be expanded, with `image_embeds` (from `prepare_multimodal_inputs`) filling the
+        image positions. The clustering arguments override the SeTok config for this call.
         """
+        check_forward_kwargs(kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        clustering = dict(
+            cluster_threshold=cluster_threshold, min_tokens=min_tokens, max_tokens=max_tokens, cluster_k=cluster_k
+        )
         image_features = None
         if pixel_values is not None:
-            if image_embeds is not None or inputs_embeds is not None or position_ids is not None:
+            if image_embeds is not None or position_ids is not None:
                 raise ValueError(
-                    "pixel_values expand the sequence, so image_embeds, inputs_embeds and position_ids cannot be "
-                    "given with them"
+                    "pixel_values expand the sequence, so image_embeds and position_ids cannot be given with them"
                 )
-            prepared = self.prepare_multimodal_inputs(input_ids, pixel_values, attention_mask, labels)
-            input_ids, attention_mask, position_ids = (
-                prepared.input_ids,
-                prepared.attention_mask,
-                prepared.position_ids,
+            prepared = self.prepare_multimodal_inputs(
+                input_ids, pixel_values, attention_mask, labels, inputs_embeds=inputs_embeds, **clustering
             )
+            input_ids, inputs_embeds = prepared.input_ids, prepared.inputs_embeds
+            attention_mask, position_ids = prepared.attention_mask, prepared.position_ids
             labels, image_embeds, image_features = prepared.labels, prepared.image_embeds, prepared.image_features
+        else:
+            given = sorted(name for name, value in clustering.items() if value is not None)
+            if given:
+                raise ValueError(f"{given} set how images are tokenized, but no pixel_values were given")
+            if inputs_embeds is not None:
+                if image_embeds is not None:
+                    raise ValueError(
+                        "image_embeds fill the image positions of input_ids; with inputs_embeds, pass pixel_values "
+                        "(the placeholders are found by their embedding) or write the images into inputs_embeds"
+                    )
+                if bool(self.get_placeholder_mask(None, inputs_embeds).any()):
+                    raise ValueError(
+                        "inputs_embeds hold image placeholder embeddings but no pixel_values were given; pass the "
+                        "images the placeholders stand for"
+                    )
         if inputs_embeds is None:
             inputs_embeds = self.embed_with_images(input_ids, image_embeds)
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         return SetokimModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             attention_mask=attention_mask,
             labels=labels,
             image_features=image_features,
         )
+
+
+class SuppressImagePlaceholder(LogitsProcessor):
+    """Text generation never writes the `<image>` placeholder: only the processor places images."""
+
+    def __init__(self, image_token_id: int) -> None:
+        self.image_token_id = image_token_id
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return scores.index_fill(-1, torch.tensor([self.image_token_id], device=scores.device), -float("inf"))
+
+
+class CallerPromptStreamer(BaseStreamer):
+    """Hands a streamer the caller's prompt instead of the expanded one, then passes every new token through.
+
+    `generate` puts the prompt first; after expansion that prompt holds one position per image token, which a
+    `TextStreamer(skip_prompt=False)` would print as rows of placeholders.
+    """
+
+    def __init__(self, streamer: BaseStreamer, prompt: torch.LongTensor) -> None:
+        self.streamer, self.prompt = streamer, prompt
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt is not None:
+            value, self.prompt = self.prompt.to(value.device), None
+        self.streamer.put(value)
+
+    def end(self) -> None:
+        self.streamer.end()
 
 
 class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
@@ -362,22 +505,28 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.lm_head = value
 
-    def get_image_features(self, pixel_values: torch.FloatTensor) -> SetokimImageFeatures:
-        return self.model.get_image_features(pixel_values)
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs: Any) -> SetokimImageFeatures:
+        return self.model.get_image_features(pixel_values, **kwargs)
 
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         image_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs: Any,
+        cluster_threshold: float | None = None,
+        min_tokens: int | None = None,
+        max_tokens: int | None = None,
+        cluster_k: int | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> SetokimCausalLMOutputWithPast:
         """Logits over the expanded sequence, and the next-token loss on text targets when `labels` are given.
 
@@ -388,11 +537,15 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             image_embeds=image_embeds,
             labels=labels,
             use_cache=use_cache,
+            cluster_threshold=cluster_threshold,
+            min_tokens=min_tokens,
+            max_tokens=max_tokens,
+            cluster_k=cluster_k,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -407,7 +560,7 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         return SetokimCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             attention_mask=outputs.attention_mask,
@@ -415,26 +568,92 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
             image_features=outputs.image_features,
         )
 
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
+        image_embeds: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """The stock preparation, with `image_embeds` passed only while image positions are still to be run.
+
+        Continuing from a cache, the cached prefix already holds its images, so each row's remaining image
+        tokens start after the ones in that prefix.
+        """
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, **kwargs
+        )
+        new_ids = model_inputs.get("input_ids")
+        image_token_id = self.config.image_token_id
+        if image_embeds is None or new_ids is None or not bool((new_ids == image_token_id).any()):
+            return model_inputs
+        cached = input_ids[:, : input_ids.shape[1] - new_ids.shape[1]]
+        model_inputs["image_embeds"] = drop_leading_image_embeds(image_embeds, (cached == image_token_id).sum(dim=1))
+        return model_inputs
+
     @torch.no_grad()
     def generate(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        logits_processor: LogitsProcessorList | None = None,
+        streamer: BaseStreamer | None = None,
+        cluster_threshold: float | None = None,
+        min_tokens: int | None = None,
+        max_tokens: int | None = None,
+        cluster_k: int | None = None,
         **kwargs: Any,
     ) -> GenerateOutput | torch.LongTensor:
         """Expand the image placeholders, then run the standard `GenerationMixin.generate`.
 
-        Every decoding strategy, streamer and cache works unchanged. The returned sequences are the caller's
-        `input_ids` followed by the new tokens, so `out[:, inputs["input_ids"].shape[1]:]` is the answer.
+        Every decoding strategy, streamer and cache works unchanged, and text generation never writes the
+        `<image>` placeholder. The returned sequences are the caller's `input_ids` followed by the new tokens, so
+        `out[:, inputs["input_ids"].shape[1]:]` is the answer (with `inputs_embeds`, only the new tokens, as for
+        any Transformers model). A conversation continues from an earlier call's `cache` (`past_key_values`)
+        when its `input_ids` repeat that call's sequences and `pixel_values` hold all its images again.
         """
+        logits_processor = LogitsProcessorList(
+            [*(logits_processor or []), SuppressImagePlaceholder(self.config.image_token_id)]
+        )
+        clustering = dict(
+            cluster_threshold=cluster_threshold, min_tokens=min_tokens, max_tokens=max_tokens, cluster_k=cluster_k
+        )
         if pixel_values is None:
-            return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        prepared = self.model.prepare_multimodal_inputs(input_ids, pixel_values, attention_mask, padding_side="left")
+            given = sorted(name for name, value in clustering.items() if value is not None)
+            if given:
+                raise ValueError(f"{given} set how images are tokenized, but no pixel_values were given")
+            return super().generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                inputs_embeds=inputs_embeds,
+                logits_processor=logits_processor,
+                streamer=streamer,
+                **kwargs,
+            )
+        if "position_ids" in kwargs:
+            raise ValueError("pixel_values expand the sequence, so position_ids cannot be given with them")
+        prepared = self.model.prepare_multimodal_inputs(
+            input_ids, pixel_values, attention_mask, inputs_embeds=inputs_embeds, padding_side="left", **clustering
+        )
+        check_cache_continuation(
+            kwargs.get("cache", kwargs.get("past_key_values")), prepared.attention_mask, self.config
+        )
+        if inputs_embeds is not None:
+            return super().generate(
+                inputs_embeds=prepared.inputs_embeds,
+                attention_mask=prepared.attention_mask,
+                logits_processor=logits_processor,
+                streamer=streamer,
+                **kwargs,
+            )
         output = super().generate(
             input_ids=prepared.input_ids,
             attention_mask=prepared.attention_mask,
             image_embeds=prepared.image_embeds,
+            logits_processor=logits_processor,
+            streamer=None if streamer is None else CallerPromptStreamer(streamer, input_ids),
             **kwargs,
         )
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
@@ -445,6 +664,41 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
             return sequences
         output.sequences = sequences
         return output
+
+
+def fill_image_positions(
+    inputs_embeds: torch.Tensor, image_mask: torch.BoolTensor, image_embeds: torch.Tensor
+) -> torch.Tensor:
+    """Write each row's image tokens (`image_embeds`, in order) into its image positions."""
+    per_row = image_mask.sum(dim=1)
+    if (
+        image_embeds.dim() != 3
+        or image_embeds.shape[0] != len(image_mask)
+        or int(per_row.max()) > image_embeds.shape[1]
+    ):
+        raise ValueError(
+            f"image_embeds of shape {tuple(image_embeds.shape)} cannot fill {per_row.tolist()} image positions per row"
+        )
+    filled = torch.arange(image_embeds.shape[1], device=image_mask.device)[None, :] < per_row[:, None]
+    return inputs_embeds.masked_scatter(image_mask[..., None], image_embeds[filled].to(inputs_embeds.dtype))
+
+
+def check_cache_continuation(cache: Cache | None, attention_mask: torch.Tensor, config: SetokimConfig) -> None:
+    """Continuing from a cache needs the cached positions to be the start of the expanded sequence."""
+    if cache is None:
+        return
+    cached = cache.get_seq_length()
+    if len(attention_mask) > 1 and cached > 0:
+        raise ValueError(
+            "continuing from a cache works for one conversation at a time: expanding the images re-pads a batch, "
+            "so its cached positions no longer line up; continue each conversation alone, or pass the whole "
+            "conversations without the cache"
+        )
+    if cached >= attention_mask.shape[1]:
+        raise ValueError(
+            f"the cache holds {cached} positions but the input with its image tokens is {attention_mask.shape[1]}; "
+            "the new input_ids must repeat the earlier turns (the previous sequences) and add the new one"
+        )
 
 
 def load_setok(vision: str | PreTrainedModel, **setok_kwargs: Any) -> SetokModel:

@@ -17,12 +17,18 @@ IGNORE_INDEX = -100
 
 @dataclass
 class ExpandedInputs:
-    """Text inputs after expansion: every placeholder became `num_tokens` copies of the image token id."""
+    """Text inputs after expansion: every placeholder became `num_tokens` image positions.
 
-    input_ids: torch.LongTensor
+    `input_ids`, `inputs_embeds` and `labels` are expanded when they were given (`None` otherwise); image
+    positions repeat the placeholder's id or embedding until the image tokens are written in.
+    """
+
     attention_mask: torch.LongTensor
     position_ids: torch.LongTensor
-    labels: torch.LongTensor | None
+    image_mask: torch.BoolTensor
+    input_ids: torch.LongTensor | None = None
+    inputs_embeds: torch.Tensor | None = None
+    labels: torch.LongTensor | None = None
 
 
 def pack_rows(
@@ -43,55 +49,57 @@ def pack_rows(
     return packed, lengths
 
 
-def check_placeholder_count(input_ids: torch.LongTensor, image_token_id: int, num_images: int) -> None:
+def check_placeholder_count(placeholder_mask: torch.BoolTensor, image_token_id: int, num_images: int) -> None:
     """One placeholder per image, or a `ValueError` that names both counts."""
-    num_placeholders = int((input_ids == image_token_id).sum())
+    num_placeholders = int(placeholder_mask.sum())
     if num_placeholders != num_images:
         raise ValueError(
-            f"input_ids hold {num_placeholders} image placeholders (id {image_token_id}) but {num_images} images "
+            f"the text holds {num_placeholders} image placeholders (id {image_token_id}) but {num_images} images "
             "were given (pixel_values); the processor writes one placeholder per image"
         )
 
 
 def expand_image_placeholders(
-    input_ids: torch.LongTensor,
+    placeholder_mask: torch.BoolTensor,
     attention_mask: torch.Tensor | None,
     num_image_tokens: torch.LongTensor,
-    image_token_id: int,
-    pad_token_id: int,
+    input_ids: torch.LongTensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
     labels: torch.LongTensor | None = None,
+    pad_token_id: int = 0,
     padding_side: Literal["left", "right"] | None = None,
 ) -> ExpandedInputs:
-    """Replace the i-th placeholder (in row-major order) by `num_image_tokens[i]` image-token positions.
+    """Replace the i-th placeholder (in row-major order of `placeholder_mask`) by `num_image_tokens[i]` positions.
 
     Padding is dropped and rebuilt on `padding_side` (by default the side the input was padded on, right if
     none); labels get `-100` on image positions; position ids count attended tokens only, so a left-padded
     row gets the same positions as the same row alone.
     """
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be (batch, sequence), got shape {tuple(input_ids.shape)}")
-    check_placeholder_count(input_ids, image_token_id, len(num_image_tokens))
-    is_placeholder = input_ids == image_token_id
+    if placeholder_mask.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, sequence), got shape {tuple(placeholder_mask.shape)}")
     if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
+        attention_mask = torch.ones(placeholder_mask.shape, dtype=torch.long, device=placeholder_mask.device)
     if padding_side is None:
         padding_side = "left" if bool((attention_mask[:, 0] == 0).any()) else "right"
 
-    repeats = attention_mask.long().masked_scatter(is_placeholder, num_image_tokens.to(input_ids.device))
-    batch_size = input_ids.shape[0]
-    rows = torch.arange(batch_size, device=input_ids.device).repeat_interleave(repeats.sum(dim=1))
+    repeats = attention_mask.long().masked_scatter(placeholder_mask, num_image_tokens.to(placeholder_mask.device))
+    batch_size = placeholder_mask.shape[0]
+    rows = torch.arange(batch_size, device=placeholder_mask.device).repeat_interleave(repeats.sum(dim=1))
     flat_repeats = repeats.flatten()
 
-    def expand(values: torch.Tensor, fill: int) -> torch.Tensor:
-        return pack_rows(values.flatten().repeat_interleave(flat_repeats), rows, batch_size, fill, padding_side)[0]
+    def expand(values: torch.Tensor, fill: float | int) -> torch.Tensor:
+        flat = values.flatten(0, 1).repeat_interleave(flat_repeats, dim=0)
+        return pack_rows(flat, rows, batch_size, fill, padding_side)[0]
 
-    expanded_ids = expand(input_ids, pad_token_id)
-    expanded_mask = expand(torch.ones_like(input_ids), 0)
-    expanded_labels = None
-    if labels is not None:
-        expanded_labels = expand(labels.masked_fill(is_placeholder, IGNORE_INDEX), IGNORE_INDEX)
-    position_ids = (expanded_mask.cumsum(dim=1) - 1).clamp(min=0)
-    return ExpandedInputs(expanded_ids, expanded_mask, position_ids, expanded_labels)
+    expanded_mask = expand(torch.ones_like(placeholder_mask, dtype=torch.long), 0)
+    return ExpandedInputs(
+        attention_mask=expanded_mask,
+        position_ids=(expanded_mask.cumsum(dim=1) - 1).clamp(min=0),
+        image_mask=expand(placeholder_mask, False),
+        input_ids=None if input_ids is None else expand(input_ids, pad_token_id),
+        inputs_embeds=None if inputs_embeds is None else expand(inputs_embeds, 0.0),
+        labels=None if labels is None else expand(labels.masked_fill(placeholder_mask, IGNORE_INDEX), IGNORE_INDEX),
+    )
 
 
 def pack_image_embeds(
@@ -103,3 +111,15 @@ def pack_image_embeds(
     """
     token_rows = image_rows.repeat_interleave(token_mask.sum(dim=1))
     return pack_rows(tokens[token_mask], token_rows, batch_size, 0.0, "right")[0]
+
+
+def drop_leading_image_embeds(image_embeds: torch.Tensor, count: torch.LongTensor) -> torch.Tensor:
+    """Shift each row of `image_embeds` left by `count[row]` tokens (zeros fill the end).
+
+    When generation continues from a cache, the image tokens of the cached prefix are already inside the
+    cache; the uncached positions take the row's remaining tokens.
+    """
+    width = image_embeds.shape[1]
+    index = torch.arange(width, device=image_embeds.device)[None, :] + count[:, None]
+    shifted = image_embeds.gather(1, index.clamp(max=width - 1)[..., None].expand(-1, -1, image_embeds.shape[-1]))
+    return shifted.masked_fill((index >= width)[..., None], 0.0)
