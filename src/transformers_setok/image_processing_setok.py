@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image, ImageOps
 from transformers.image_processing_backends import PilBackend
-from transformers.image_utils import PILImageResampling
+from transformers.image_utils import ChannelDimension, PILImageResampling
 
 SIGLIP_MEAN = [0.5, 0.5, 0.5]
 SIGLIP_STD = [0.5, 0.5, 0.5]
@@ -16,7 +18,7 @@ class SetokImageProcessor(PilBackend):
     """Turns PIL images, NumPy arrays or torch tensors (one or a list) into SigLIP-ready `pixel_values`.
 
     Runs on PIL and NumPy alone, so it works without torchvision. Grayscale, RGBA, palette and CMYK images
-    are converted to RGB; inputs that cannot be an image (no pixels, non-finite values, a channel count other
+    are converted to RGB by `to_rgb` (transparent pixels on white), the same conversion `setok tokenize` uses; inputs that cannot be an image (no pixels, non-finite values, a channel count other
     than 1, 3 or 4) raise a `ValueError` naming `images`.
     """
 
@@ -52,6 +54,12 @@ class SetokImageProcessor(PilBackend):
             raise ValueError(f"images: expected 1, 3 or 4 channels first or last, got shape {array.shape}")
         return super().process_image(image, *args, **kwargs)
 
+    def convert_to_rgb(self, image: Any, input_data_format: str | ChannelDimension | None = None) -> np.ndarray:
+        """PIL images through `to_rgb`, so files read here and by `setok tokenize` give the same pixels."""
+        if isinstance(image, Image.Image):
+            return np.asarray(to_rgb(image))
+        return super().convert_to_rgb(image, input_data_format=input_data_format)
+
     def preprocess(self, images: Any, *args: Any, **kwargs: Any):
         """Like the base `preprocess`, also taking 2-D arrays as single grayscale images."""
         if isinstance(images, (list, tuple)) and len(images) == 0:
@@ -64,6 +72,25 @@ class SetokImageProcessor(PilBackend):
         return super().preprocess(images, *args, **kwargs)
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as RGB; transparent pixels (an alpha band, or a palette's transparent colour) become white.
+
+    The one conversion of the package: the image processor and `setok tokenize` both use it, so an RGBA file gives
+    the same tokens from Python and from the command line (a plain `convert("RGB")` would drop the alpha and show
+    whatever colour the transparent pixels happen to store, often black).
+    """
+    if "A" not in image.getbands() and "transparency" not in image.info:
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """The image file at `path` as RGB (`to_rgb`), upright as its EXIF orientation says."""
+    with Image.open(path) as image:
+        return to_rgb(ImageOps.exif_transpose(image))
+
+
 def with_channel_axis(image: Any) -> Any:
     """A 2-D array or tensor is one grayscale image: give it a trailing channel axis."""
     if getattr(image, "ndim", None) == 2:
@@ -71,4 +98,4 @@ def with_channel_axis(image: Any) -> Any:
     return image
 
 
-__all__ = ["SetokImageProcessor"]
+__all__ = ["SetokImageProcessor", "load_image", "to_rgb"]

@@ -1,7 +1,9 @@
-"""Pictures of SeTok tokens: each token's region of the image, tinted in its own colour.
+"""Pictures of SeTok tokens: each token's region of the image, tinted in its own colour and numbered.
 
 Pure functions on an image and a patch-to-token assignment (`SetokModelOutput.assignment` of one image), so
-they work for any checkpoint and need no model.
+they work for any checkpoint and need no model. A token's region can be scattered over the image (its patches are
+alike, not necessarily adjacent), so every piece carries the token's index, and the token's centre (the density
+peak its cluster grew from) is a circled index.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ GOLDEN_RATIO_CONJUGATE = 0.618033988749895
 BOUNDARY_COLOR = (20, 20, 28)
 LEGEND_BACKGROUND = (20, 20, 28, 190)
 LEGEND_TEXT = (255, 255, 255, 255)
+MARK_TEXT = (255, 255, 255)
+MARK_OUTLINE = (20, 20, 28)
+MIN_LABELLED_PIECE = 2  # patches a piece away from the centre needs to be numbered; stray single patches are not
 
 
 def token_palette(num_tokens: int) -> np.ndarray:
@@ -79,6 +84,72 @@ def region_boundaries(label_map: np.ndarray) -> np.ndarray:
     return boundary
 
 
+def token_pieces(labels: np.ndarray) -> list[tuple[int, list[tuple[int, int]]]]:
+    """The 4-connected pieces of every token on a `(grid_height, grid_width)` label map, as `(token, patches)`."""
+    seen = labels < 0
+    pieces = []
+    for start in zip(*np.nonzero(~seen)):
+        if seen[start]:
+            continue
+        token, patches, frontier = int(labels[start]), [], [start]
+        seen[start] = True
+        while frontier:
+            row, col = frontier.pop()
+            patches.append((int(row), int(col)))
+            for near in ((row - 1, col), (row + 1, col), (row, col - 1), (row, col + 1)):
+                inside = 0 <= near[0] < labels.shape[0] and 0 <= near[1] < labels.shape[1]
+                if inside and not seen[near] and labels[near] == token:
+                    seen[near] = True
+                    frontier.append(near)
+        pieces.append((token, patches))
+    return pieces
+
+
+def piece_anchor(patches: list[tuple[int, int]]) -> tuple[int, int]:
+    """The patch of a piece nearest its mean position: a place inside the piece, even for a ring or an L."""
+    mean = np.mean(patches, axis=0)
+    return min(patches, key=lambda patch: float(((np.array(patch) - mean) ** 2).sum()))
+
+
+def draw_token_marks(
+    image: Image.Image, labels: np.ndarray, centers: np.ndarray | None, palette: np.ndarray
+) -> Image.Image:
+    """The token's index on each piece of its region (single stray patches aside), circled on its centre patch.
+
+    Without `centers`, the largest piece of a token stands for its centre.
+    """
+    grid_height, grid_width = labels.shape
+    cell_height, cell_width = image.height / grid_height, image.width / grid_width
+    font_size = max(8, round(0.7 * min(cell_height, cell_width)))
+    font = ImageFont.load_default(size=font_size)
+    draw = ImageDraw.Draw(image)
+    pieces = token_pieces(labels)
+    if centers is None:
+        largest: dict[int, tuple[int, int]] = {}
+        for token, patches in sorted(pieces, key=lambda piece: len(piece[1])):
+            largest[token] = piece_anchor(patches)
+        center_patches = largest
+    else:
+        center_patches = {
+            token: divmod(int(center), grid_width) for token, center in enumerate(centers) if center >= 0
+        }
+    for token, patches in pieces:
+        center = center_patches.get(token)
+        is_center_piece = center in patches
+        if not is_center_piece and len(patches) < MIN_LABELLED_PIECE:
+            continue
+        row, col = center if is_center_piece else piece_anchor(patches)
+        x, y = (col + 0.5) * cell_width, (row + 0.5) * cell_height
+        if is_center_piece:
+            radius = 0.75 * font_size
+            color = tuple(int(channel) for channel in palette[token])
+            draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=color, outline=MARK_OUTLINE, width=2)
+        draw.text(
+            (x, y), str(token), font=font, fill=MARK_TEXT, anchor="mm", stroke_width=2, stroke_fill=MARK_OUTLINE
+        )
+    return image
+
+
 def draw_legend(image: Image.Image, num_tokens: int) -> Image.Image:
     """A translucent box in the top-left corner saying how many tokens the image became."""
     text = f"{num_tokens} token" if num_tokens == 1 else f"{num_tokens} tokens"
@@ -97,16 +168,21 @@ def draw_token_regions(
     image: Image.Image,
     assignment: torch.Tensor | np.ndarray,
     grid_size: tuple[int, int],
+    centers: torch.Tensor | np.ndarray | None = None,
     alpha: float = 0.45,
+    mark_tokens: bool = True,
 ) -> Image.Image:
-    """Tint each token's region of `image` in its own colour, outline the regions and state the token count.
+    """Tint each token's region of `image` in its own colour, outline and number the regions, state the count.
 
     Args:
         image: the picture the tokens were computed from, at any display size (it is not resized).
         assignment: `(num_patches,)` token index of every patch of one image, e.g. `outputs.assignment[i]`;
             patches with -1 (no token) keep their pixels.
         grid_size: `(height, width)` of the patch grid, e.g. `outputs.grid_size`.
+        centers: `(num_tokens,)` patch index of each token's centre, e.g. `outputs.centers[i]` (-1 entries are
+            padding); without it, a token's largest piece stands for its centre.
         alpha: opacity of the token colours, between 0 (image only) and 1 (colours only).
+        mark_tokens: write each token's index on every piece of its region, circled at its centre.
 
     Returns:
         A new RGB image of the same size as `image`, with a legend box in the top-left corner.
@@ -119,13 +195,17 @@ def draw_token_regions(
     labelled = label_map >= 0
 
     pixels = np.asarray(rgb, dtype=np.float64)
-    tint = token_palette(int(labels.max()) + 1)[label_map[labelled]].astype(np.float64)
-    pixels[labelled] = (1.0 - alpha) * pixels[labelled] + alpha * tint
+    palette = token_palette(int(labels.max()) + 1)
+    pixels[labelled] = (1.0 - alpha) * pixels[labelled] + alpha * palette[label_map[labelled]].astype(np.float64)
     pixels = np.round(pixels).astype(np.uint8)
     pixels[region_boundaries(label_map)] = BOUNDARY_COLOR
+    picture = Image.fromarray(pixels)
+    if mark_tokens:
+        centers = None if centers is None else np.asarray(torch.as_tensor(centers).detach().cpu())
+        picture = draw_token_marks(picture, labels, centers, palette)
 
     num_tokens = len(np.unique(labels[labels >= 0]))
-    return draw_legend(Image.fromarray(pixels), num_tokens)
+    return draw_legend(picture, num_tokens)
 
 
 __all__ = ["draw_token_regions", "token_label_map", "token_palette"]

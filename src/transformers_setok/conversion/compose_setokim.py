@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
             max_shard_size=args.max_shard_size,
             **setok_kwargs,
         )
-    except (ValueError, NotImplementedError) as error:
+    except (OSError, ValueError, NotImplementedError) as error:  # a wrong path included
         print(f"error: {error}", file=sys.stderr)
         return 1
     config = model.config

@@ -1061,7 +1061,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             if args.tokenizer is not None:
                 parser.error("--tokenizer belongs to a Setokim conversion (--checkpoint)")
             result = convert_setok(args.stage1, args.output, **common)
-    except ValueError as error:  # CheckpointError and ConversionError included
+    except (OSError, ValueError) as error:  # CheckpointError, ConversionError and wrong paths included
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(result.report.format())
