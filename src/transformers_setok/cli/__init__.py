@@ -1,0 +1,37 @@
+"""The `setok` command: one sub-command per module.
+
+    setok tokenize photos/ --counts counts.csv     # token counts and region overlays of images
+    setok convert --stage1 mm_projector.bin ...    # official SeTok checkpoints to Transformers folders
+    setok compose --vision siglip/ --language-model llm/ --output setokim/   # a Setokim from pretrained parts
+    setok --version
+
+Errors a user can fix (a wrong path, a folder of the wrong kind, a bad setting) end the command with one line
+saying what to do, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from .. import __version__
+from . import compose, convert, tokenize
+from .tokenize import demo_tokenizer, sample_image_paths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="setok", description="SeTok semantic vision tokenizer tools.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in (tokenize, convert, compose):
+        command.register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `setok` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+__all__ = ["build_parser", "demo_tokenizer", "main", "sample_image_paths"]
