@@ -4,13 +4,25 @@ Importing this package registers every class with the `Auto*` factories, and mar
 `save_pretrained` to write an `auto_map`, so saved folders also load with `trust_remote_code=True`.
 """
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageTextToText,
+    AutoModelForPreTraining,
+    AutoProcessor,
+)
 
 from .clustering import ClusteringResult, density_peak_clustering
+from .concept_contrastive import SetokConceptHead, concept_contrastive_loss
 from .configuration_setok import SetokConfig
+from .configuration_setok_detokenizer import SetokDetokenizerConfig
+from .configuration_setok_pretraining import SetokForPreTrainingConfig
 from .configuration_setokim import SetokimConfig
 from .image_processing_setok import SetokImageProcessor
 from .modeling_setok import SetokModel, SetokModelOutput, SetokPreTrainedModel
+from .modeling_setok_detokenizer import SetokDetokenizer, SetokDetokenizerOutput, SetokTokenConditioner
+from .modeling_setok_pretraining import SetokForPreTraining, SetokForPreTrainingOutput
 from .modeling_setokim import (
     SetokimCausalLMOutputWithPast,
     SetokimForConditionalGeneration,
@@ -19,6 +31,7 @@ from .modeling_setokim import (
     SetokimModelOutputWithPast,
     SetokimPreTrainedModel,
 )
+from .pipeline_setok_detokenizer import SetokDetokenizerPipeline, SetokDetokenizerPipelineOutput
 from .processing_setokim import IMAGE_END_TOKEN, IMAGE_START_TOKEN, IMAGE_TOKEN, SetokimProcessor
 from .tokenizer_training import train_sentencepiece_tokenizer
 from .training import SetokimDataCollator, language_model_lora_config, set_trainable
@@ -31,6 +44,10 @@ AutoModel.register(SetokimConfig, SetokimModel, exist_ok=True)
 AutoModelForImageTextToText.register(SetokimConfig, SetokimForConditionalGeneration, exist_ok=True)
 AutoImageProcessor.register(SetokConfig, image_processor_classes={"pil": SetokImageProcessor}, exist_ok=True)
 AutoProcessor.register(SetokimConfig, SetokimProcessor, exist_ok=True)
+AutoConfig.register(SetokDetokenizerConfig.model_type, SetokDetokenizerConfig, exist_ok=True)
+AutoModel.register(SetokDetokenizerConfig, SetokDetokenizer, exist_ok=True)
+AutoConfig.register(SetokForPreTrainingConfig.model_type, SetokForPreTrainingConfig, exist_ok=True)
+AutoModelForPreTraining.register(SetokForPreTrainingConfig, SetokForPreTraining, exist_ok=True)
 
 SetokConfig.register_for_auto_class()
 SetokModel.register_for_auto_class("AutoModel")
@@ -39,6 +56,10 @@ SetokimModel.register_for_auto_class("AutoModel")
 SetokimForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 SetokImageProcessor.register_for_auto_class("AutoImageProcessor")
 SetokimProcessor.register_for_auto_class("AutoProcessor")
+SetokDetokenizerConfig.register_for_auto_class()
+SetokDetokenizer.register_for_auto_class("AutoModel")
+SetokForPreTrainingConfig.register_for_auto_class()
+SetokForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 
 __version__ = "0.1.0"
 
@@ -50,7 +71,18 @@ __all__ = [
     "SetokimProcessor",
     "train_sentencepiece_tokenizer",
     "ClusteringResult",
+    "SetokConceptHead",
     "SetokConfig",
+    "SetokDetokenizer",
+    "SetokDetokenizerConfig",
+    "SetokDetokenizerOutput",
+    "SetokDetokenizerPipeline",
+    "SetokDetokenizerPipelineOutput",
+    "SetokForPreTraining",
+    "SetokForPreTrainingConfig",
+    "SetokForPreTrainingOutput",
+    "SetokTokenConditioner",
+    "concept_contrastive_loss",
     "SetokImageProcessor",
     "SetokModel",
     "SetokModelOutput",

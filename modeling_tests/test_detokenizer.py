@@ -1,0 +1,161 @@
+"""SetokDetokenizer: token conditioning, null tokens, the denoising loss, starting from a Stable Diffusion folder."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import randomize_weights
+from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+from pretraining_fixtures import TOKEN_SIZE, tiny_detokenizer_config, tiny_unet_config
+
+from transformers_setok import SetokDetokenizer, SetokDetokenizerPipeline
+
+
+@pytest.fixture
+def detokenizer() -> SetokDetokenizer:
+    torch.manual_seed(0)
+    return randomize_weights(SetokDetokenizer(tiny_detokenizer_config()), seed=4).eval()
+
+
+def training_inputs(batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return dict(
+        images=torch.rand(batch, 3, 8, 8, generator=generator) * 2 - 1,
+        tokens=torch.randn(batch, 4, TOKEN_SIZE, generator=generator),
+        token_mask=torch.tensor([[True] * 4, [True, True, False, False]][:batch]),
+        noise=torch.randn(batch, 3, 8, 8, generator=generator),
+        timesteps=torch.tensor([10, 70][:batch]),
+    )
+
+
+def test_conditioner_projects_tokens_and_swaps_in_null_tokens(detokenizer) -> None:
+    conditioner = detokenizer.conditioner
+    tokens = torch.randn(2, 1, TOKEN_SIZE)
+    mask = torch.ones(2, 1, dtype=torch.bool)
+    hidden, hidden_mask = conditioner(tokens, mask, drop_condition=torch.tensor([False, True]))
+    weight, bias = conditioner.projection.weight, conditioner.projection.bias
+    assert hidden.shape == (2, 2, 8)  # grown to the two null tokens
+    torch.testing.assert_close(hidden[0, :1], tokens[0] @ weight.T + bias)
+    torch.testing.assert_close(hidden[1], conditioner.null_tokens @ weight.T + bias)
+    assert hidden_mask.tolist() == [[True, False], [True, True]]
+
+
+def test_loss_equals_a_hand_written_epsilon_objective(detokenizer) -> None:
+    inputs = training_inputs()
+    loss = detokenizer(**inputs).loss
+    scheduler = detokenizer.noise_scheduler
+    alpha = scheduler.alphas_cumprod[inputs["timesteps"]][:, None, None, None]
+    noisy = alpha.sqrt() * inputs["images"] + (1 - alpha).sqrt() * inputs["noise"]
+    hidden = detokenizer.conditioner.projection(inputs["tokens"])
+    with torch.no_grad():
+        prediction = detokenizer.unet(
+            noisy, inputs["timesteps"], encoder_hidden_states=hidden, encoder_attention_mask=inputs["token_mask"]
+        ).sample
+    torch.testing.assert_close(loss, ((prediction - inputs["noise"]) ** 2).mean(), atol=1e-6, rtol=0)
+
+
+def test_masked_padding_does_not_change_the_loss(detokenizer) -> None:
+    inputs = training_inputs()
+    padded = dict(inputs)
+    padded["tokens"] = torch.cat([inputs["tokens"], 50 * torch.randn(2, 3, TOKEN_SIZE)], dim=1)
+    padded["token_mask"] = torch.cat([inputs["token_mask"], torch.zeros(2, 3, dtype=torch.bool)], dim=1)
+    torch.testing.assert_close(detokenizer(**padded).loss, detokenizer(**inputs).loss, atol=1e-6, rtol=0)
+
+
+def test_training_drops_the_condition_with_the_configured_probability() -> None:
+    torch.manual_seed(0)
+    always = SetokDetokenizer(tiny_detokenizer_config(condition_drop_prob=1.0))
+    inputs = training_inputs()
+    dropped = always.train()(**inputs).loss
+    other_tokens = always(**{**inputs, "tokens": torch.randn(2, 4, TOKEN_SIZE)}).loss
+    conditioned = always.eval()(**inputs).loss
+    torch.testing.assert_close(dropped, other_tokens)  # the tokens no longer matter
+    assert (dropped - conditioned).abs() > 1e-4
+
+    never = SetokDetokenizer(tiny_detokenizer_config(condition_drop_prob=0.0))
+    never.load_state_dict(always.state_dict())
+    torch.testing.assert_close(never.train()(**inputs).loss, conditioned)
+
+
+def test_save_load_round_trip(detokenizer, tmp_path: Path) -> None:
+    detokenizer.save_pretrained(tmp_path)
+    reloaded = SetokDetokenizer.from_pretrained(tmp_path).eval()
+    assert torch.equal(reloaded(**training_inputs()).loss, detokenizer(**training_inputs()).loss)
+    assert reloaded.config.unet_config == detokenizer.config.unet_config
+
+
+@pytest.mark.parametrize(
+    ("change", "argument"),
+    [
+        (dict(tokens=torch.randn(2, 4, TOKEN_SIZE - 1)), "tokens must have width"),
+        (dict(token_mask=torch.ones(2, 5, dtype=torch.bool)), "token_mask"),
+        (dict(images=torch.randn(2, 3, 16, 16)), "images"),
+        (dict(tokens=torch.randn(3, 4, TOKEN_SIZE), token_mask=torch.ones(3, 4, dtype=torch.bool)), "tokens hold 3"),
+    ],
+)
+def test_bad_input_names_the_argument(detokenizer, change, argument) -> None:
+    with pytest.raises(ValueError, match=argument):
+        detokenizer(**{**training_inputs(), **change})
+
+
+def save_tiny_stable_diffusion(folder: Path) -> tuple[UNet2DConditionModel, AutoencoderKL]:
+    """A Stable-Diffusion-style folder (U-Net reading 8-wide text states, a VAE, a PNDM scheduler)."""
+    torch.manual_seed(0)
+    unet = randomize_weights(UNet2DConditionModel(**tiny_unet_config(in_channels=4, out_channels=4)), seed=1)
+    vae = AutoencoderKL(
+        block_out_channels=[8, 8],
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=4,
+        norm_num_groups=2,
+        sample_size=16,
+    )
+    unet.save_pretrained(folder / "unet")
+    vae.save_pretrained(folder / "vae")
+    PNDMScheduler(num_train_timesteps=100, beta_schedule="scaled_linear").save_pretrained(folder / "scheduler")
+    return unet, vae
+
+
+def test_from_stable_diffusion_keeps_every_weight_when_widths_match(tmp_path: Path) -> None:
+    unet, vae = save_tiny_stable_diffusion(tmp_path)
+    detokenizer, info = SetokDetokenizer.from_stable_diffusion(
+        tmp_path, token_size=TOKEN_SIZE, output_loading_info=True
+    )
+    assert info["reinitialized"] == [] and info["dropped"] == []
+    for name, value in unet.state_dict().items():
+        assert torch.equal(detokenizer.unet.state_dict()[name], value), name
+    for name, value in vae.state_dict().items():
+        assert torch.equal(detokenizer.vae.state_dict()[name], value), name
+    assert detokenizer.config.scheduler_config["beta_schedule"] == "scaled_linear"
+    assert detokenizer.image_size == 16
+
+    pipe = SetokDetokenizerPipeline.from_detokenizer(detokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(torch.randn(1, 3, TOKEN_SIZE), num_inference_steps=2, output_type="pt").images
+    assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+    loss = detokenizer(torch.rand(1, 3, 16, 16) * 2 - 1, torch.randn(1, 3, TOKEN_SIZE), torch.ones(1, 3, dtype=bool))
+    assert torch.isfinite(loss.loss)
+
+
+def test_from_stable_diffusion_reinitialises_only_cross_attention_of_another_width(tmp_path: Path, caplog) -> None:
+    unet, _ = save_tiny_stable_diffusion(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        detokenizer, info = SetokDetokenizer.from_stable_diffusion(
+            tmp_path, token_size=TOKEN_SIZE, cross_attention_dim=12, output_loading_info=True
+        )
+    cross_attention_inputs = sorted(
+        name.rsplit(".", 1)[0] for name in unet.state_dict() if ".attn2.to_k." in name or ".attn2.to_v." in name
+    )
+    assert cross_attention_inputs and info["reinitialized"] == cross_attention_inputs
+    assert (
+        f"re-initialised {len(cross_attention_inputs)} U-Net layers" in caplog.text
+        and cross_attention_inputs[0] in caplog.text
+    )
+    for name, value in unet.state_dict().items():
+        if name.rsplit(".", 1)[0] not in cross_attention_inputs:
+            assert torch.equal(detokenizer.unet.state_dict()[name], value), name
+    assert detokenizer.unet.state_dict()[cross_attention_inputs[0] + ".weight"].shape[1] == 12
+    assert detokenizer.conditioner.projection.out_features == 12
