@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from transformers_setok import SetokImageProcessor
+from transformers_setok.image_processing_setok import load_image, to_rgb
 
 
 @pytest.fixture
@@ -50,6 +51,31 @@ def test_colour_modes_become_rgb(rgb: Image.Image, mode: str) -> None:
     pixels = SetokImageProcessor()(images=image, return_tensors="pt").pixel_values
     assert pixels.shape == (1, 3, 384, 384)
     torch.testing.assert_close(pixels[0], reference_pixels(image), atol=1e-2, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_pixels_become_white(tmp_path, mode: str) -> None:
+    """Alpha bands and a palette's transparent colour composite onto white, in the processor and from files."""
+    rng = np.random.default_rng(2)
+    rgba = rng.integers(0, 256, (24, 32, 4), dtype=np.uint8)
+    rgba[..., 3] = np.where(np.arange(32) < 16, 0, 255)[None, :]  # left half transparent, right half opaque
+    if mode == "P":
+        image = Image.fromarray(rgba[..., :3]).quantize(8)
+        image.info["transparency"] = int(np.asarray(image)[0, 0])
+        visible = np.asarray(image.convert("RGB"))
+        hidden = np.asarray(image) == image.info["transparency"]
+        expected = np.where(hidden[..., None], 255, visible)
+    else:
+        image = Image.fromarray(rgba, "RGBA").convert(mode)
+        color = np.asarray(image.convert("RGBA"))[..., :3].astype(np.float64)
+        alpha = rgba[..., 3:] / 255.0
+        expected = np.round(alpha * color + (1 - alpha) * 255)
+    np.testing.assert_array_equal(np.asarray(to_rgb(image)), expected)
+    image.save(tmp_path / "image.png")
+    np.testing.assert_array_equal(np.asarray(load_image(tmp_path / "image.png")), expected)
+    processor = SetokImageProcessor(size={"height": 24, "width": 32}, do_resize=False)
+    expected_pixels = torch.from_numpy((expected / 255.0 - 0.5) / 0.5).permute(2, 0, 1).float()
+    torch.testing.assert_close(processor(images=image, return_tensors="pt").pixel_values[0], expected_pixels)
 
 
 def test_grayscale_array_is_one_image(rgb: Image.Image) -> None:

@@ -9,9 +9,11 @@ from PIL import Image
 
 from transformers_setok.visualization import (
     BOUNDARY_COLOR,
+    MARK_TEXT,
     draw_token_regions,
     token_label_map,
     token_palette,
+    token_pieces,
 )
 
 GREY = (128, 128, 128)
@@ -79,11 +81,11 @@ def test_boundaries_drawn_where_labels_change() -> None:
 
 def test_legend_box_sits_top_left_and_grows_with_the_count() -> None:
     image = grey_image(256, 256)
-    one = np.asarray(draw_token_regions(image, np.zeros(256, dtype=np.int64), (16, 16), alpha=0.0))
+    one = np.asarray(draw_token_regions(image, np.zeros(256, dtype=np.int64), (16, 16), alpha=0.0, mark_tokens=False))
     # Twelve tokens, the extra eleven along the bottom patch row, far from the legend.
     labels = np.zeros((16, 16), dtype=np.int64)
     labels[15, 5:] = np.arange(1, 12)
-    many = np.asarray(draw_token_regions(image, labels.ravel(), (16, 16), alpha=0.0))
+    many = np.asarray(draw_token_regions(image, labels.ravel(), (16, 16), alpha=0.0, mark_tokens=False))
 
     def legend_box(overlay: np.ndarray) -> tuple[int, int]:
         """Rows and columns of the top-left corner that differ from the plain image (the legend)."""
@@ -110,3 +112,52 @@ def test_rejects_bad_arguments() -> None:
         draw_token_regions(grey_image(), np.zeros(24), (4, 6))
     with pytest.raises(ValueError, match="alpha"):
         draw_token_regions(grey_image(), two_halves(), (4, 6), alpha=1.5)
+
+
+def scattered_token() -> np.ndarray:
+    """An 8x8 grid: token 0 everywhere but token 1 in two 2x2 blocks and one stray patch, far from the legend."""
+    labels = np.zeros((8, 8), dtype=np.int64)
+    labels[5:7, 1:3] = 1
+    labels[5:7, 5:7] = 1
+    labels[3, 7] = 1
+    return labels
+
+
+def test_pieces_are_the_connected_parts_of_each_token() -> None:
+    pieces = sorted((token, sorted(patches)) for token, patches in token_pieces(scattered_token()))
+    assert [(token, len(patches)) for token, patches in pieces] == [(0, 55), (1, 1), (1, 4), (1, 4)]
+    assert pieces[1][1] == [(3, 7)] and pieces[2][1] == [(5, 1), (5, 2), (6, 1), (6, 2)]
+    ring = np.ones((5, 5), dtype=np.int64)
+    ring[1:4, 1:4] = 0
+    ring[2, 2] = -1  # a patch of no token belongs to no piece
+    assert sorted(len(patches) for _, patches in token_pieces(ring)) == [8, 16]
+
+
+def test_every_piece_is_numbered_and_the_centre_circled() -> None:
+    image = grey_image(256, 256)  # 32 px per patch
+    labels = scattered_token()
+    centre = 6 * 8 + 6  # patch (6, 6), in the right-hand block
+    overlay = np.asarray(draw_token_regions(image, labels.ravel(), (8, 8), centers=[0, centre], alpha=0.0))
+    plain = np.asarray(draw_token_regions(image, labels.ravel(), (8, 8), alpha=0.0, mark_tokens=False))
+    token_one = token_palette(2)[1]
+
+    def has(pixels: np.ndarray, color: np.ndarray) -> bool:
+        return bool((pixels == color).all(axis=-1).any())
+
+    centre_cell = overlay[6 * 32 : 7 * 32, 6 * 32 : 7 * 32]
+    assert has(centre_cell, token_one) and has(centre_cell, MARK_TEXT)  # a circle in the token's colour, numbered
+    left_block = overlay[5 * 32 : 7 * 32, 1 * 32 : 3 * 32]
+    assert has(left_block, MARK_TEXT) and not has(left_block, token_one)  # numbered, not circled
+    # Below the legend and the circle of token 0 (its centre is patch 0), only the two marks of token 1 change
+    # pixels; the stray single patch (3, 7) is not numbered.
+    changed = (overlay != plain).any(axis=-1)
+    near_marks = np.zeros_like(changed)
+    near_marks[5 * 32 - 4 : 7 * 32 + 4, 1 * 32 - 4 : 3 * 32 + 4] = True
+    near_marks[6 * 32 - 4 : 7 * 32 + 4, 6 * 32 - 4 : 7 * 32 + 4] = True
+    assert changed[64:].any() and not (changed & ~near_marks)[64:].any()
+
+    # Without centres, a token's largest piece holds the circle.
+    labels[7, 1:3] = 1  # the left block grows to six patches
+    default = np.asarray(draw_token_regions(image, labels.ravel(), (8, 8), alpha=0.0))
+    assert has(default[5 * 32 : 8 * 32, 1 * 32 : 3 * 32], token_one)
+    assert not has(default[5 * 32 : 7 * 32, 5 * 32 : 7 * 32], token_one)

@@ -50,7 +50,8 @@ class SetokImageProcessor(PilBackend):
             )
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise ValueError("images: pixel values must be finite, found NaN or infinity")
-        if array.ndim == 3 and not ({array.shape[0], array.shape[-1]} & {1, 3, 4}):
+        is_array = not isinstance(image, Image.Image)  # any PIL mode converts (LA, PA, I;16, ...)
+        if is_array and array.ndim == 3 and not ({array.shape[0], array.shape[-1]} & {1, 3, 4}):
             raise ValueError(f"images: expected 1, 3 or 4 channels first or last, got shape {array.shape}")
         return super().process_image(image, *args, **kwargs)
 
