@@ -283,15 +283,21 @@ class SetokModel(SetokPreTrainedModel):
                 f"resize images to multiples of {patch_size} (the image processor does this)"
             )
         encoder_kwargs = {}
-        if (height, width) != (vision_config.image_size, vision_config.image_size):
-            if "interpolate_pos_encoding" not in inspect.signature(self.vision_model.forward).parameters:
-                raise ValueError(
-                    f"pixel_values must be {vision_config.image_size}x{vision_config.image_size} for this encoder "
-                    f"({type(self.vision_model).__name__} cannot interpolate its position embeddings), got "
-                    f"{height}x{width}; use the checkpoint's image processor"
-                )
+        native_size = (vision_config.image_size, vision_config.image_size)
+        if (height, width) != native_size and (
+            "interpolate_pos_encoding" in inspect.signature(self.vision_model.forward).parameters
+        ):
             encoder_kwargs["interpolate_pos_encoding"] = True
-        encoded = self.vision_model(pixel_values=pixel_values, output_hidden_states=True, **encoder_kwargs)
+        try:
+            encoded = self.vision_model(pixel_values=pixel_values, output_hidden_states=True, **encoder_kwargs)
+        except RuntimeError as error:
+            if (height, width) == native_size:
+                raise
+            raise ValueError(
+                f"pixel_values must be {native_size[0]}x{native_size[1]} for this encoder "
+                f"({type(self.vision_model).__name__} cannot take other sizes), got {height}x{width}; use the "
+                "checkpoint's image processor"
+            ) from error
         features = encoded.hidden_states[self.config.vision_feature_layer]
         if self.config.vision_feature_select_strategy == "default":
             features = features[:, 1:]

@@ -21,6 +21,7 @@ from transformers.cache_utils import Cache
 from transformers.generation import BaseStreamer, LogitsProcessor, LogitsProcessorList
 from transformers.generation.utils import GenerateOutput
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
@@ -267,7 +268,7 @@ class SetokimModel(SetokimPreTrainedModel):
         check_pixel_values(pixel_values, self.config.setok_config.vision_config.num_channels)
         placeholder_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
         check_placeholder_count(placeholder_mask, self.config.image_token_id, len(pixel_values))  # before encoding
-        features = self.get_image_features(pixel_values, **clustering)
+        features = self.get_image_features(pixel_values, return_dict=True, **clustering)
         pad_token_id = self.config.text_config.pad_token_id
         expanded: ExpandedInputs = expand_image_placeholders(
             placeholder_mask,
@@ -454,11 +455,13 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
             tokenizer: its tokenizer; loaded from `language_model` when that is a path.
             projector_type: `"linear"` or `"mlp{N}x_gelu"`.
             dtype: the composed model's dtype (the parts' own dtypes by default: float32 unless they differ).
-            setok_kwargs: `SetokConfig` settings (threshold, budget, merger sizes) for a fresh SeTok.
+            setok_kwargs: `SetokConfig` settings (threshold, budget, merger sizes) for a fresh SeTok; its budget
+                `max_tokens` defaults to `DEFAULT_MAX_TOKENS` (64) tokens per image.
 
         `[Img]`, `[/Img]` and `<image>` are added to the tokenizer; their embeddings start at the mean of the
         existing ones, so they begin as neutral as an embedding can be.
         """
+        check_parts(vision, language_model)
         setok = load_setok(vision, **setok_kwargs)
         if isinstance(language_model, str):
             tokenizer = tokenizer if tokenizer is not None else language_model
@@ -546,6 +549,7 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
             min_tokens=min_tokens,
             max_tokens=max_tokens,
             cluster_k=cluster_k,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -572,6 +576,7 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.LongTensor,
         next_sequence_length: int | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
@@ -581,7 +586,7 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         tokens start after the ones in that prefix.
         """
         model_inputs = super().prepare_inputs_for_generation(
-            input_ids, next_sequence_length=next_sequence_length, **kwargs
+            input_ids, next_sequence_length=next_sequence_length, inputs_embeds=inputs_embeds, **kwargs
         )
         new_ids = model_inputs.get("input_ids")
         image_token_id = self.config.image_token_id
@@ -701,6 +706,33 @@ def check_cache_continuation(cache: Cache | None, attention_mask: torch.Tensor, 
         )
 
 
+DEFAULT_MAX_TOKENS = 64
+"""Most tokens per image of a fresh SeTok from `from_parts`, so images leave the LLM room for text (at
+SigLIP-so400m sizes the bound would otherwise be 729 patches)."""
+
+
+def part_model_type(part: str | PreTrainedModel) -> str:
+    config = AutoConfig.from_pretrained(part) if isinstance(part, str) else part.config
+    return config.model_type
+
+
+def check_parts(vision: str | PreTrainedModel, language_model: str | PreTrainedModel) -> None:
+    """Name what each `from_parts` argument must be when a part is in the wrong place."""
+    vision_type, language_type = part_model_type(vision), part_model_type(language_model)
+    usage = "from_parts(vision=<SeTok or vision encoder>, language_model=<causal LM>)"
+    if language_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        swapped = " (the parts look swapped)" if vision_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else ""
+        raise ValueError(
+            f"language_model must be a causal language model (an AutoModelForCausalLM), got a {language_type!r} "
+            f"model{swapped}; call {usage}"
+        )
+    if vision_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(
+            f"vision must be a SeTok tokenizer or a vision encoder, got the causal language model {vision_type!r}; "
+            f"call {usage}"
+        )
+
+
 def load_setok(vision: str | PreTrainedModel, **setok_kwargs: Any) -> SetokModel:
     """A SeTok tokenizer as given, or a fresh one around a pretrained vision encoder."""
     not_a_setokim = "vision must be a SeTok tokenizer or a vision encoder, not a whole Setokim"
@@ -720,6 +752,7 @@ def load_setok(vision: str | PreTrainedModel, **setok_kwargs: Any) -> SetokModel
         return vision
     if hasattr(vision.config, "vision_config"):  # a CLIP/SigLIP-style dual encoder: keep its vision tower
         vision = vision.vision_model
+    setok_kwargs.setdefault("max_tokens", max(DEFAULT_MAX_TOKENS, setok_kwargs.get("min_tokens", 1)))
     setok = SetokModel(SetokConfig(vision_config=vision.config, **setok_kwargs))
     setok.vision_model.load_state_dict(vision.state_dict())
     return setok
