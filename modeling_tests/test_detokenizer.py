@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import randomize_weights
 from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+from huggingface_hub.errors import StrictDataclassError
 from pretraining_fixtures import TOKEN_SIZE, tiny_detokenizer_config, tiny_unet_config
 
 from transformers_setok import SetokDetokenizer, SetokDetokenizerPipeline
@@ -159,3 +160,12 @@ def test_from_stable_diffusion_reinitialises_only_cross_attention_of_another_wid
             assert torch.equal(detokenizer.unet.state_dict()[name], value), name
     assert detokenizer.unet.state_dict()[cross_attention_inputs[0] + ".weight"].shape[1] == 12
     assert detokenizer.conditioner.projection.out_features == 12
+
+
+@pytest.mark.parametrize(
+    ("change", "argument"),
+    [(dict(num_null_tokens=0), "num_null_tokens"), (dict(condition_drop_prob=1.5), "condition_drop_prob")],
+)
+def test_config_rejects_impossible_settings(change, argument) -> None:
+    with pytest.raises(StrictDataclassError, match=argument):
+        tiny_detokenizer_config(**change)

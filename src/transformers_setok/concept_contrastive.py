@@ -30,7 +30,7 @@ def concept_contrastive_loss(
     Args:
         tokens: `(images, num_tokens, dim)` padded token sets; `token_mask` `(images, num_tokens)` marks real ones.
         phrases: `(images, num_phrases, dim)` each image's phrase embeddings; `phrase_mask` marks real phrases.
-        logit_scale: log of the inverse temperature (a scalar; `exp` is capped at 100 as in CLIP).
+        logit_scale: log of the inverse temperature, one value (`exp` is capped at 100 as in CLIP).
 
     Images without phrases only serve as negatives. A batch without any phrase gives a zero loss that still
     depends on the inputs, so every process of a distributed step runs the same backward.
@@ -40,10 +40,10 @@ def concept_contrastive_loss(
     owners = torch.arange(phrases.shape[0], device=phrases.device)[:, None].expand(phrase_mask.shape)[phrase_mask]
     phrases = phrases[phrase_mask]
     if phrases.shape[0] == 0:
-        return (tokens.sum() + logit_scale) * 0.0
+        return (tokens.sum() + logit_scale.sum()) * 0.0
 
     similarity = torch.einsum("pd,itd->pit", phrases, tokens).masked_fill(~token_mask[None], float("-inf"))
-    logits = logit_scale.exp().clamp(max=MAX_LOGIT_SCALE) * similarity.amax(dim=-1)
+    logits = logit_scale.exp().clamp(max=MAX_LOGIT_SCALE).reshape(()) * similarity.amax(dim=-1)
     phrase_to_image = nn.functional.cross_entropy(logits, owners)
 
     positives = (owners[:, None] == torch.arange(logits.shape[1], device=logits.device)[None]).to(logits.dtype)
@@ -95,7 +95,7 @@ class SetokConceptHead(nn.Module):
         super().__init__()
         self.text_model = AutoModel.from_config(text_config)
         self.projection = nn.Linear(text_config.hidden_size, token_size)
-        self.logit_scale = nn.Parameter(torch.tensor(logit_scale_init_value))
+        self.logit_scale = nn.Parameter(torch.tensor([logit_scale_init_value]))  # shape (1,), as SigLIP's
         self.freeze_text_model = freeze_text_model
         if freeze_text_model:
             self.text_model.requires_grad_(False)
