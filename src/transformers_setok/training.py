@@ -7,9 +7,11 @@ to know how many tokens an image becomes.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -18,21 +20,33 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from transformers.utils import logging
 
+from .image_processing_setok import load_image
 from .modeling_setokim import SetokimForConditionalGeneration
 from .placeholder_expansion import IGNORE_INDEX
-from .processing_setokim import SetokimProcessor
+from .processing_setokim import IMAGE_TOKEN, SetokimProcessor
 
 logger = logging.get_logger(__name__)
+
+# LLaVA / ShareGPT speaker names (`"from"`) and the chat roles they stand for.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
 @dataclass
 class SetokimDataCollator:
     """Turns chat examples into a padded training batch: `input_ids`, `attention_mask`, `labels`, `pixel_values`.
 
-    Each example is a dict with `"messages"` (chat messages in the Transformers multimodal format, with a
-    `{"type": "image"}` part where each image goes) and `"images"` (the images in the order of those parts; may
-    be empty or missing). Labels are `-100` everywhere except the assistant answers and their EOS, found through
-    the chat template's `{% generation %}` markers. `pixel_values` is left out when the batch holds no image.
+    An example comes in either of the two formats instruction data is published in:
+
+    * Transformers chat messages: `{"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text",
+      "text": "What is shown?"}]}, {"role": "assistant", "content": "A red car."}], "images": [image]}`;
+    * LLaVA / ShareGPT: `{"conversations": [{"from": "human", "value": "<image>\\nWhat is shown?"}, {"from": "gpt",
+      "value": "A red car."}], "image": "coco/0001.jpg"}` (speakers `human`, `gpt`, `system`; an `<image>` in the
+      text where each image goes; `image` for one image or `images` for several).
+
+    Images are PIL images, arrays, or file paths (relative ones resolved against `image_folder`), in the order of
+    the image parts and `<image>` markers. Labels are `-100` everywhere except the assistant answers and their EOS,
+    found through the chat template's `{% generation %}` markers; a conversation with no answer to learn from gets
+    a warning. `pixel_values` is left out when the batch holds no image.
 
     `max_length` bounds the *text* tokens, each image counting as its three placeholder tokens: the model adds
     the image's own tokens on top in `forward`. A conversation that is too long loses whole trailing turns (a
@@ -43,11 +57,14 @@ class SetokimDataCollator:
         processor: the model's [`SetokimProcessor`]; its chat template must mark answers with `{% generation %}`.
         max_length: most text tokens per example; `None` keeps every conversation whole.
         padding_side: `"right"` for training (the default), `"left"` to match a generation layout.
+        image_folder: folder that relative image paths are read from (LLaVA's `--image_folder`); by default the
+            working directory.
     """
 
     processor: SetokimProcessor
     max_length: int | None = None
     padding_side: Literal["left", "right"] = "right"
+    image_folder: str | os.PathLike | None = None
 
     def __post_init__(self) -> None:
         if self.padding_side not in ("left", "right"):
@@ -67,13 +84,17 @@ class SetokimDataCollator:
         tokenizer = self.processor.tokenizer
         # Padding is masked out of attention and loss, so any id works where the tokenizer has no pad token.
         pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        labels = [item["input_ids"][0].masked_fill(item["assistant_masks"][0] == 0, IGNORE_INDEX) for item in encoded]
+        unlabelled = [index for index, example_labels in enumerate(labels) if (example_labels == IGNORE_INDEX).all()]
+        if unlabelled:
+            logger.warning(
+                f"examples{unlabelled}: no assistant answer to learn from (every label is -100); each conversation "
+                "needs an assistant turn (role 'assistant', or 'gpt' in ShareGPT data)"
+            )
         batch = {
             "input_ids": self.pad([item["input_ids"][0] for item in encoded], pad_token_id),
             "attention_mask": self.pad([item["attention_mask"][0] for item in encoded], 0),
-            "labels": self.pad(
-                [item["input_ids"][0].masked_fill(item["assistant_masks"][0] == 0, IGNORE_INDEX) for item in encoded],
-                IGNORE_INDEX,
-            ),
+            "labels": self.pad(labels, IGNORE_INDEX),
         }
         pixel_values = [item["pixel_values"] for item in encoded if "pixel_values" in item]
         if pixel_values:
@@ -82,14 +103,15 @@ class SetokimDataCollator:
 
     def encode(self, example: dict[str, Any], index: int) -> tuple[dict[str, torch.Tensor], int]:
         """Tokenize one conversation, dropping whole trailing turns until it fits; returns it and the turns dropped."""
-        messages, images = example["messages"], list(example.get("images") or [])
+        messages, images = chat_messages(example, index)
         if not messages:
-            raise ValueError(f"examples[{index}]: `messages` is empty")
+            raise ValueError(f"examples[{index}]: the conversation is empty")
         if count_images(messages) != len(images):
             raise ValueError(
                 f"examples[{index}]: `messages` hold {count_images(messages)} image part(s) but `images` holds "
-                f"{len(images)} image(s); give one image per {{'type': 'image'}} part, in order"
+                f"{len(images)} image(s); give one image per {{'type': 'image'}} part or {IMAGE_TOKEN} marker, in order"
             )
+        images = [self.read_image(image) for image in images]
         # A turn ends where the next user message starts; system messages before the first user stay with it.
         user_starts = [position for position, message in enumerate(messages) if message["role"] == "user"]
         turn_ends = [*user_starts[1:], len(messages)]
@@ -110,18 +132,49 @@ class SetokimDataCollator:
             f"max_length={self.max_length}; raise max_length or shorten that turn"
         )
 
+    def read_image(self, image: Any) -> Any:
+        """A path (relative to `image_folder`) read as an RGB image; images themselves as they are."""
+        if not isinstance(image, (str, os.PathLike)):
+            return image
+        path = Path(image)
+        return load_image(path if self.image_folder is None or path.is_absolute() else Path(self.image_folder) / path)
+
     def pad(self, sequences: list[torch.Tensor], value: int) -> torch.Tensor:
         return pad_sequence(sequences, batch_first=True, padding_value=value, padding_side=self.padding_side)
 
 
+def chat_messages(example: dict[str, Any], index: int) -> tuple[list[dict[str, Any]], list[Any]]:
+    """An example's conversation as Transformers chat messages, and its images, from either format."""
+    if "messages" in example:
+        return list(example["messages"]), list(example.get("images") or [])
+    if "conversations" not in example:
+        raise ValueError(
+            f"examples[{index}]: expected `messages` (Transformers chat format) or `conversations` (LLaVA/ShareGPT "
+            f"format), got the keys {sorted(example)}"
+        )
+    messages = []
+    for position, entry in enumerate(example["conversations"]):
+        if entry.get("from") not in SHAREGPT_ROLES:
+            raise ValueError(
+                f"examples[{index}]['conversations'][{position}]: `from` must be one of {sorted(SHAREGPT_ROLES)}, got "
+                f"{entry.get('from')!r}"
+            )
+        messages.append({"role": SHAREGPT_ROLES[entry["from"]], "content": entry["value"]})
+    images = example.get("images")
+    if images is None:
+        images = [] if example.get("image") is None else [example["image"]]
+    return messages, list(images) if isinstance(images, (list, tuple)) else [images]
+
+
 def count_images(messages: Sequence[dict[str, Any]]) -> int:
-    """Number of `{"type": "image"}` parts in chat messages."""
-    return sum(
-        part["type"] == "image"
-        for message in messages
-        if not isinstance(message["content"], str)
-        for part in message["content"]
-    )
+    """Number of images chat messages place: `{"type": "image"}` parts and `<image>` markers in their text."""
+    count = 0
+    for message in messages:
+        content = message["content"]
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        for part in parts:
+            count += 1 if part["type"] == "image" else part.get("text", "").count(IMAGE_TOKEN)
+    return count
 
 
 def model_parts(model: SetokimForConditionalGeneration | PeftModel) -> dict[str, list[nn.Module]]:
