@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE_TEXTS
+from conftest import SAMPLE_TEXTS, randomize_weights, tiny_setok_config
 from PIL import Image
 from torch.nn import functional as F
 from transformers import (
@@ -308,7 +308,7 @@ def official_setokim(siglip_dir: Path, tmp_path_factory: pytest.TempPathFactory)
         num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )  # fmt: skip
     torch.manual_seed(1)
-    llm = LlamaForCausalLM(llm_config)
+    llm = randomize_weights(LlamaForCausalLM(llm_config), seed=1)  # trained-looking norms, as in a real checkpoint
     state = {key: value.clone() for key, value in llm.state_dict().items()}
     state.update(official_tokenizer_state("model.vision_tower.", siglip_dir, seed=2))
     generator = torch.Generator().manual_seed(3)
@@ -591,6 +591,37 @@ def test_composed_from_local_parts_loads_and_generates(
     out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert out.shape == (2, inputs.input_ids.shape[1] + 4)
     assert torch.equal(out[:, : inputs.input_ids.shape[1]], inputs.input_ids)
+
+
+def test_composed_from_a_trained_setok_generates_the_same_tokens_after_saving(
+    tiny_tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    """Composing keeps a SeTok folder's trained merger, and the folder written answers exactly as the model composed."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    torch.manual_seed(0)
+    setok = randomize_weights(SetokModel(tiny_setok_config(min_tokens=3)), seed=1)  # a trained merger
+    setok.save_pretrained(tmp_path / "setok")
+    llm = LlamaForCausalLM(
+        LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    )  # fmt: skip
+    randomize_weights(llm, seed=2).save_pretrained(tmp_path / "llm")
+    tokenizer.save_pretrained(tmp_path / "llm")
+    composed, processor = compose.compose_setokim(
+        tmp_path / "setok", tmp_path / "llm", tmp_path / "out", max_shard_size="200KB"
+    )
+    assert torch.equal(composed.model.setok.merger.out.bias, setok.merger.out.bias)
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "out").eval()
+    for name, value in composed.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], value), name
+    processor.tokenizer.padding_side = "left"
+    prompts = ["USER: <image>\nWhat is shown? ASSISTANT:", "USER: Describe <image> please. ASSISTANT:"]
+    pictures = [sample_image(), sample_image().rotate(90)]
+    inputs = processor(text=prompts, images=pictures, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, composed(**inputs).logits, rtol=0, atol=0)
+    expected = composed.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert torch.equal(reloaded.generate(**inputs, max_new_tokens=6, do_sample=False), expected)
 
 
 def test_compose_keeps_a_place_for_the_detokenizer(siglip_dir: Path, tmp_path: Path) -> None:
