@@ -596,7 +596,7 @@ def test_composed_from_local_parts_loads_and_generates(
 def test_composed_from_a_trained_setok_generates_the_same_tokens_after_saving(
     tiny_tokenizer_dir: Path, tmp_path: Path
 ) -> None:
-    """Composing keeps a SeTok folder's trained merger, and the folder written answers exactly as the model composed."""
+    """Composing keeps a SeTok folder's trained merger; the folder written answers exactly as the model composed."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     torch.manual_seed(0)
     setok = randomize_weights(SetokModel(tiny_setok_config(min_tokens=3)), seed=1)  # a trained merger

@@ -207,7 +207,11 @@ def batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> float:
 
 
 def train(
-    model: torch.nn.Module, collator: SetokimDataCollator, output_dir: Path, dataset: list[dict] = EXAMPLES, **arguments
+    model: torch.nn.Module,
+    collator: SetokimDataCollator,
+    output_dir: Path,
+    dataset: list[dict] = EXAMPLES,
+    **arguments,
 ) -> Trainer:
     settings = dict(
         per_device_train_batch_size=2,
@@ -248,9 +252,8 @@ def test_trainer_learns_answers_that_depend_on_the_image(
     collator = SetokimDataCollator(processor)
     batch = collator(IMAGE_DEPENDENT)
     before = batch_loss(model, batch)
-    trainer = train(
-        model, collator, tmp_path, IMAGE_DEPENDENT, num_train_epochs=30, activation_checkpointing=activation_checkpointing
-    )
+    options = dict(num_train_epochs=30, activation_checkpointing=activation_checkpointing)
+    trainer = train(model, collator, tmp_path, IMAGE_DEPENDENT, **options)
     assert model.is_activation_checkpointing == activation_checkpointing
     logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(logged) == 30 and logged[-1] < logged[0]
