@@ -3,6 +3,7 @@
     setok tokenize photos/ --counts counts.csv     # token counts and region overlays of images
     setok convert --stage1 mm_projector.bin ...    # official SeTok checkpoints to Transformers folders
     setok compose --vision siglip/ --language-model llm/ --output setokim/   # a Setokim from pretrained parts
+    setok reconstruct photo.png --model setok-pretraining/ --out recon/   # images redrawn from their tokens
     setok --version
 
 Errors a user can fix (a wrong path, a folder of the wrong kind, a bad setting) end the command with one line
@@ -15,7 +16,7 @@ import argparse
 from collections.abc import Sequence
 
 from .. import __version__
-from . import compose, convert, tokenize
+from . import compose, convert, reconstruct, tokenize
 from .tokenize import demo_tokenizer, sample_image_paths
 
 
@@ -23,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="setok", description="SeTok semantic vision tokenizer tools.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in (tokenize, convert, compose):
+    for command in (tokenize, convert, compose, reconstruct):
         command.register(commands)
     return parser
 
