@@ -23,6 +23,7 @@ from .image_processing_setok import SetokImageProcessor
 from .modeling_setok import SetokModel, SetokModelOutput, SetokPreTrainedModel
 from .modeling_setok_detokenizer import SetokDetokenizer, SetokDetokenizerOutput, SetokTokenConditioner
 from .modeling_setok_pretraining import SetokForPreTraining, SetokForPreTrainingOutput
+from .generation_setokim import SetokimImageGenerationOutput, SetokimVisionHead
 from .modeling_setokim import (
     SetokimCausalLMOutputWithPast,
     SetokimForConditionalGeneration,
@@ -91,6 +92,8 @@ __all__ = [
     "SetokimConfig",
     "SetokimForConditionalGeneration",
     "SetokimImageFeatures",
+    "SetokimImageGenerationOutput",
+    "SetokimVisionHead",
     "SetokimModel",
     "SetokimModelOutputWithPast",
     "SetokimPreTrainedModel",

@@ -10,6 +10,7 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from .configuration_setok import SetokConfig
+from .configuration_setok_detokenizer import SetokDetokenizerConfig
 
 PROJECTOR_TYPE_PATTERN = re.compile(r"^(linear|mlp(\d+)x_gelu)$")
 
@@ -31,12 +32,23 @@ class SetokimConfig(PreTrainedConfig):
             Id of `[Img]`, which opens an image in the text.
         image_end_token_id (`int`, *optional*, defaults to 32002):
             Id of `[/Img]`, which closes it.
+        vision_output_head (`bool`, *optional*, defaults to `False`):
+            Add the vision head that turns hidden states after `[Img]` into SeTok tokens, so the model can draw
+            and edit (`generate_images`); off for an understanding-only model.
+        detokenizer_config (`dict` or `SetokDetokenizerConfig`, *optional*):
+            The detokenizer that renders written tokens to pixels, held in the same checkpoint; `None` leaves it
+            out (tokens can still be written, and rendered by a separate `SetokDetokenizerPipeline`).
+        image_regression_mse_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the mean squared error between predicted and target tokens in the training loss.
+        image_regression_cosine_weight (`float`, *optional*, defaults to 1.0):
+            Weight of `1 - cosine similarity` between predicted and target tokens in the training loss.
     """
 
     model_type = "setokim"
     sub_configs_defaults = {
         "setok_config": SubConfigSpec(config_class=SetokConfig),
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+        "detokenizer_config": SubConfigSpec(config_class=SetokDetokenizerConfig, optional=True),
     }
 
     setok_config: dict | PreTrainedConfig | None = None
@@ -46,6 +58,10 @@ class SetokimConfig(PreTrainedConfig):
     image_start_token_id: int = 32001
     image_end_token_id: int = 32002
     tie_word_embeddings: bool = False
+    vision_output_head: bool = False
+    detokenizer_config: dict | PreTrainedConfig | None = None
+    image_regression_mse_weight: float = 1.0
+    image_regression_cosine_weight: float = 1.0
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -56,6 +72,17 @@ class SetokimConfig(PreTrainedConfig):
         """Only the projector shapes the paper and LLaVA use are buildable."""
         if not PROJECTOR_TYPE_PATTERN.match(self.projector_type):
             raise ValueError(f"projector_type must be 'linear' or 'mlp{{N}}x_gelu', got {self.projector_type!r}")
+
+    def validate_generation(self) -> None:
+        """A detokenizer must read tokens of the tokenizer's width; loss weights cannot be negative."""
+        if self.detokenizer_config is not None and self.detokenizer_config.token_size != self.setok_config.token_size:
+            raise ValueError(
+                f"detokenizer_config.token_size ({self.detokenizer_config.token_size}) must equal "
+                f"setok_config.token_size ({self.setok_config.token_size}): it renders the tokens SeTok writes"
+            )
+        for name in ("image_regression_mse_weight", "image_regression_cosine_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     @property
     def projector_depth(self) -> int:

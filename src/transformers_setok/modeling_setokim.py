@@ -28,10 +28,23 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_setok import SetokConfig
 from .configuration_setokim import SetokimConfig
+from .generation_setokim import (
+    SetokimImageGenerationOutput,
+    SetokimVisionHead,
+    check_generation_setup,
+    image_regression_loss,
+    left_pad,
+    prompts_opening_an_image,
+    write_vision_tokens,
+    written_sequences,
+)
 from .image_processing_setok import SetokImageProcessor
 from .model_card import write_model_card
 from .modeling_setok import SetokModel, SetokModelOutput, check_pixel_values
+from .modeling_setok_detokenizer import SetokDetokenizer
+from .pipeline_setok_detokenizer import SetokDetokenizerPipeline
 from .placeholder_expansion import (
+    IGNORE_INDEX,
     ExpandedInputs,
     check_placeholder_count,
     drop_leading_image_embeds,
@@ -74,6 +87,7 @@ class SetokimMultimodalInputs(ModelOutput):
         image_embeds: `(batch, max image tokens per row, text_hidden_size)` each row's image tokens in order, which
             fill the image positions of `input_ids`.
         image_features: what [`SetokimModel.get_image_features`] returned.
+        generation_targets: `(num_images,)` which images the labels ask the model to write (with a vision head).
     """
 
     input_ids: torch.LongTensor | None = None
@@ -83,6 +97,7 @@ class SetokimMultimodalInputs(ModelOutput):
     labels: torch.LongTensor | None = None
     image_embeds: torch.FloatTensor | None = None
     image_features: SetokimImageFeatures | None = None
+    generation_targets: torch.BoolTensor | None = None
 
 
 @dataclass
@@ -91,28 +106,34 @@ class SetokimModelOutputWithPast(BaseModelOutputWithPast):
 
     Attributes:
         attention_mask: `(batch, expanded_length)` mask of the expanded sequence the states align with.
-        labels: expanded labels when labels were given (`-100` on image and padding positions).
+        labels: expanded labels when labels were given (`-100` on padding and on images the model only reads).
         image_features: the images' tokens, when `pixel_values` were given.
+        generation_targets: `(num_images,)` which images the labels ask the model to write (with a vision head).
     """
 
     attention_mask: torch.LongTensor | None = None
     labels: torch.LongTensor | None = None
     image_features: SetokimImageFeatures | None = None
+    generation_targets: torch.BoolTensor | None = None
 
 
 @dataclass
 class SetokimCausalLMOutputWithPast(CausalLMOutputWithPast):
-    """Logits over the expanded sequence; `loss` covers text targets only.
+    """Logits over the expanded sequence; `loss` covers the text targets and, with a vision head, the images the
+    labels ask the model to write (when to stop, and their tokens).
 
     Attributes:
         attention_mask: `(batch, expanded_length)` mask of the expanded sequence the logits align with.
-        labels: expanded labels when labels were given (`-100` on image and padding positions).
+        labels: expanded labels when labels were given (`-100` on padding and on images the model only reads).
         image_features: the images' tokens, when `pixel_values` were given.
+        image_regression_loss: the weighted MSE + cosine loss of the predicted tokens of the images to write
+            (already part of `loss`).
     """
 
     attention_mask: torch.LongTensor | None = None
     labels: torch.LongTensor | None = None
     image_features: SetokimImageFeatures | None = None
+    image_regression_loss: torch.FloatTensor | None = None
 
 
 FORWARD_KWARGS = frozenset(TransformersKwargs.__annotations__)
@@ -279,6 +300,7 @@ class SetokimModel(SetokimPreTrainedModel):
             labels=labels,
             pad_token_id=pad_token_id if pad_token_id is not None else 0,
             padding_side=padding_side,
+            keep_image_labels=self.config.vision_output_head,
         )
         self.check_context_length(expanded.attention_mask, features.num_tokens)
         image_rows = placeholder_mask.nonzero()[:, 0]
@@ -295,6 +317,9 @@ class SetokimModel(SetokimPreTrainedModel):
             labels=expanded.labels,
             image_embeds=image_embeds,
             image_features=features,
+            generation_targets=labels[placeholder_mask] != IGNORE_INDEX
+            if labels is not None and self.config.vision_output_head
+            else None,
         )
 
     def embed_with_images(self, input_ids: torch.LongTensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
@@ -342,7 +367,7 @@ class SetokimModel(SetokimPreTrainedModel):
         clustering = dict(
             cluster_threshold=cluster_threshold, min_tokens=min_tokens, max_tokens=max_tokens, cluster_k=cluster_k
         )
-        image_features = None
+        image_features = generation_targets = None
         if pixel_values is not None:
             if image_embeds is not None or position_ids is not None:
                 raise ValueError(
@@ -354,6 +379,7 @@ class SetokimModel(SetokimPreTrainedModel):
             input_ids, inputs_embeds = prepared.input_ids, prepared.inputs_embeds
             attention_mask, position_ids = prepared.attention_mask, prepared.position_ids
             labels, image_embeds, image_features = prepared.labels, prepared.image_embeds, prepared.image_features
+            generation_targets = prepared.generation_targets
         else:
             given = sorted(name for name, value in clustering.items() if value is not None)
             if given:
@@ -388,6 +414,7 @@ class SetokimModel(SetokimPreTrainedModel):
             attention_mask=attention_mask,
             labels=labels,
             image_features=image_features,
+            generation_targets=generation_targets,
         )
 
 
@@ -427,6 +454,10 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = SetokimModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.vision_head = SetokimVisionHead(config) if config.vision_output_head else None
+        self.detokenizer = (
+            SetokDetokenizer(config.detokenizer_config) if config.detokenizer_config is not None else None
+        )
         # so a saved folder serves `AutoModel` (the base model) through `trust_remote_code` as well
         module = SetokimModel.__module__.rsplit(".", 1)[-1]
         config.auto_map = {**(getattr(config, "auto_map", None) or {}), "AutoModel": f"{module}.SetokimModel"}
@@ -558,9 +589,12 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         elif isinstance(logits_to_keep, torch.Tensor):
             hidden_states = hidden_states[:, logits_to_keep]
         logits = self.lm_head(hidden_states)
-        loss = None
+        loss = regression_loss = None
         if outputs.labels is not None:
             loss = self.loss_function(logits, outputs.labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+            if outputs.generation_targets is not None and bool(outputs.generation_targets.any()):
+                regression_loss = self.image_regression_loss(outputs)
+                loss = loss + regression_loss
         return SetokimCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -570,6 +604,82 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
             attention_mask=outputs.attention_mask,
             labels=outputs.labels,
             image_features=outputs.image_features,
+            image_regression_loss=regression_loss,
+        )
+
+    def image_regression_loss(self, outputs: SetokimModelOutputWithPast) -> torch.Tensor:
+        """Teacher-forced regression of the images to write: the hidden state before each of their positions,
+        through the vision head, against that position's token from the tokenizer (a fixed target)."""
+        positions = outputs.labels == self.config.image_token_id
+        if bool(positions[:, 0].any()):
+            raise ValueError("an image to write cannot start a sequence: it follows [Img]")
+        predicted = self.vision_head(outputs.last_hidden_state[:, :-1][positions[:, 1:]])
+        features, targets = outputs.image_features, outputs.generation_targets
+        target_tokens = features.tokenizer_output.tokens[targets][features.token_mask[targets]].detach()
+        config = self.config
+        return image_regression_loss(
+            predicted, target_tokens, config.image_regression_mse_weight, config.image_regression_cosine_weight
+        )
+
+    @torch.no_grad()
+    def generate_images(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        max_image_tokens: int | None = None,
+        max_new_tokens: int = 0,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 3.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        render: bool = True,
+        **generate_kwargs: Any,
+    ) -> SetokimImageGenerationOutput:
+        """Draw (text prompts) or edit (prompts with images) one image per prompt, batched with left padding.
+
+        The model may first write up to `max_new_tokens` of text with the usual decoding options
+        (`generate_kwargs`), stopping at `[Img]` or EOS; every row then opens `[Img]` and writes vision tokens on the
+        KV cache until its LM head closes the image with `[/Img]` or `max_image_tokens` (the SeTok budget, or 64)
+        is reached. The detokenizer renders the tokens (`num_inference_steps`, `guidance_scale`, `generator`,
+        `output_type` as in [`SetokDetokenizerPipeline`]); `render=False` returns the tokens alone.
+        """
+        if max_image_tokens is None:
+            max_image_tokens = self.config.setok_config.max_tokens or DEFAULT_MAX_TOKENS
+        check_generation_setup(self, max_image_tokens, render)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        new_tokens = None
+        if max_new_tokens > 0:
+            text = self.generate(
+                input_ids,
+                pixel_values,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                **generate_kwargs,
+            )
+            new_tokens = text[:, input_ids.shape[1] :]
+        prompts = prompts_opening_an_image(input_ids, attention_mask, new_tokens, self.config)
+        pad_token_id = self.config.text_config.pad_token_id
+        ids, mask = left_pad(prompts, pad_token_id if pad_token_id is not None else 0, input_ids.device)
+        tokens, token_mask, counts = write_vision_tokens(self, ids, mask, pixel_values, max_image_tokens)
+        images = None
+        if render:
+            pipeline = SetokDetokenizerPipeline.from_detokenizer(self.detokenizer)
+            images = pipeline(
+                tokens=tokens,
+                token_mask=token_mask,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                generator=generator,
+                output_type=output_type,
+            ).images
+        return SetokimImageGenerationOutput(
+            images=images,
+            tokens=tokens,
+            token_mask=token_mask,
+            num_tokens=counts,
+            sequences=written_sequences(prompts, counts, self.config, input_ids.device),
         )
 
     def prepare_inputs_for_generation(

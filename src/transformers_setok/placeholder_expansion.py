@@ -68,12 +68,14 @@ def expand_image_placeholders(
     labels: torch.LongTensor | None = None,
     pad_token_id: int = 0,
     padding_side: Literal["left", "right"] | None = None,
+    keep_image_labels: bool = False,
 ) -> ExpandedInputs:
     """Replace the i-th placeholder (in row-major order of `placeholder_mask`) by `num_image_tokens[i]` positions.
 
     Padding is dropped and rebuilt on `padding_side` (by default the side the input was padded on, right if
-    none); labels get `-100` on image positions; position ids count attended tokens only, so a left-padded
-    row gets the same positions as the same row alone.
+    none); position ids count attended tokens only, so a left-padded row gets the same positions as the same
+    row alone. Labels get `-100` on image positions, unless `keep_image_labels`: then a labelled placeholder (an
+    image the model is to write) repeats its label on each of its positions.
     """
     if placeholder_mask.dim() != 2:
         raise ValueError(f"input_ids must be (batch, sequence), got shape {tuple(placeholder_mask.shape)}")
@@ -98,7 +100,9 @@ def expand_image_placeholders(
         image_mask=expand(placeholder_mask, False),
         input_ids=None if input_ids is None else expand(input_ids, pad_token_id),
         inputs_embeds=None if inputs_embeds is None else expand(inputs_embeds, 0.0),
-        labels=None if labels is None else expand(labels.masked_fill(placeholder_mask, IGNORE_INDEX), IGNORE_INDEX),
+        labels=None
+        if labels is None
+        else expand(labels if keep_image_labels else labels.masked_fill(placeholder_mask, IGNORE_INDEX), IGNORE_INDEX),
     )
 
 
