@@ -204,3 +204,72 @@ def test_bad_input_gets_clear_errors() -> None:
         tokens_only.generate_images(ids, max_image_tokens=0, render=False)
     with pytest.raises(ValueError, match="holds 1 image placeholders .* but 2 images"):
         tokens_only.generate_images(torch.tensor([[1, *IMAGE, 5]]), pixel_values=images(2), render=False)
+
+
+def test_trainer_learns_to_draw_each_prompts_image_with_its_token_count(tiny_processor, tmp_path: Path) -> None:
+    from conftest import setokim_for, tiny_setok_config
+    from PIL import Image
+    from transformers import Trainer, TrainingArguments
+
+    from transformers_setok import SetokimDataCollator, set_trainable
+
+    model = setokim_for(
+        tiny_processor, vision_output_head=True, setok_config=tiny_setok_config(cluster_threshold=0.5, max_tokens=6)
+    )
+    flat = Image.new("RGB", (64, 64), (220, 30, 30))
+    busy = Image.fromarray((torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy())
+    pixel_values = tiny_processor.image_processor([flat, busy], return_tensors="pt").pixel_values
+    with torch.no_grad():
+        target_counts = model.model.setok(pixel_values).num_tokens.tolist()
+    assert target_counts[0] < target_counts[1]  # the flat image needs fewer tokens than the busy one
+
+    prompts = ["Draw a red square.", "Draw the quick brown fox."]
+    examples = [
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": prompt}]},
+                {"role": "assistant", "content": [{"type": "image"}]},
+            ],
+            "images": [image],
+        }
+        for prompt, image in zip(prompts, [flat, busy])
+    ]
+    set_trainable(model, merger=False)  # the tokenizer that makes the targets stays fixed, as in the paper
+    collator = SetokimDataCollator(tiny_processor)
+    with torch.no_grad():
+        before = model(**collator(examples)).image_regression_loss.item()
+    arguments = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=80,
+        learning_rate=3e-3,
+        per_device_train_batch_size=2,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        seed=0,
+        remove_unused_columns=False,
+    )
+    Trainer(model=model, args=arguments, train_dataset=examples * 8, data_collator=collator).train()
+    model.eval()
+    with torch.no_grad():
+        after = model(**collator(examples)).image_regression_loss.item()
+    assert after < 0.5 * before
+
+    chats = [[{"role": "user", "content": [{"type": "text", "text": prompt}]}] for prompt in prompts]
+    inputs = tiny_processor.apply_chat_template(
+        chats,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        processor_kwargs={"padding": True},
+    )
+    drawn = model.generate_images(
+        inputs["input_ids"],
+        attention_mask=inputs["attention_mask"],
+        max_new_tokens=3,
+        max_image_tokens=10,
+        render=False,
+    )
+    assert drawn.num_tokens.tolist() == target_counts
