@@ -182,6 +182,14 @@ def test_truncation_drops_whole_turns(processor: SetokimProcessor, caplog: pytes
         assert (f"Dropped {dropped} trailing turn(s)" in caplog.text) == (dropped > 0), caplog.text
 
 
+def test_max_length_must_be_positive(processor: SetokimProcessor) -> None:
+    for max_length in (0, -3):
+        message = f"max_length must be a positive number of tokens or None, got {max_length}"
+        with pytest.raises(ValueError, match=message):
+            SetokimDataCollator(processor, max_length=max_length)
+    assert SetokimDataCollator(processor, max_length=1).max_length == 1  # positive, if too short for any turn
+
+
 def test_truncation_error_when_first_turn_does_not_fit(processor: SetokimProcessor) -> None:
     first_turn = SetokimDataCollator(processor)([EXAMPLES[0]])["input_ids"].shape[1]
     collator = SetokimDataCollator(processor, max_length=first_turn - 1)
@@ -432,7 +440,7 @@ def test_lora_with_a_trained_projector_copy(processor: SetokimProcessor) -> None
     counts = set_trainable(model)  # the projector trains through its copy, its original stays frozen
     assert counts["projector"] == sum(p.numel() for name, p in model.named_parameters() if name in copies)
     assert counts["projector"] * 2 == part_size(model, "projector")
-    with pytest.raises(TypeError, match="SetokimForConditionalGeneration"):
+    with pytest.raises(TypeError, match="SetokimForConditionalGeneration or a PeftModel of one, got SetokimModel"):
         set_trainable(model.get_base_model().model)
 
 
