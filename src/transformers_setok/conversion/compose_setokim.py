@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..modeling_setokim import SetokimForConditionalGeneration
@@ -78,11 +80,14 @@ def compose_setokim(
     if dtype != "auto" and not isinstance(dtype, torch.dtype) and dtype not in DTYPES:
         raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
     wanted = DTYPES.get(dtype, dtype) if dtype != "auto" else "auto"
+    check_source("vision", vision, "a vision encoder or SeTok folder")
     if not isinstance(vision, PreTrainedModel):
         config_file = Path(vision) / "config.json"
         if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "setokim":
             raise ValueError(f"vision: {str(vision)!r} is a whole Setokim; pass a vision encoder or a SeTok folder")
         vision = str(vision)
+    check_source("language_model", language_model, "a causal language model folder")
+    check_source("tokenizer", tokenizer, "a tokenizer folder")
     if not isinstance(language_model, PreTrainedModel):
         tokenizer = language_model if tokenizer is None else tokenizer
         language_model = AutoModelForCausalLM.from_pretrained(str(language_model), dtype=wanted)
@@ -105,6 +110,16 @@ DESCRIPTION = (
     "causal LM (e.g. Vicuna, Llama, Qwen), add [Img], [/Img] and <image> to its tokenizer, and write a folder ready "
     "for training (sharded safetensors, configs, SetokimProcessor)."
 )
+
+
+def check_source(argument: str, source: Any, what: str) -> None:
+    """A path that is neither a folder here nor a possible Hub id is a `ValueError` naming the argument."""
+    if not isinstance(source, (str, os.PathLike)) or Path(source).exists():
+        return
+    try:
+        validate_repo_id(str(source))
+    except HFValidationError:
+        raise ValueError(f"{argument}: no folder {str(source)!r}; pass {what} (or a Hub model id)") from None
 
 
 def build_parser(prog: str = "compose_setokim.py") -> argparse.ArgumentParser:
