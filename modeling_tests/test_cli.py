@@ -251,6 +251,7 @@ def test_version_and_installed_conversion_commands(capsys: pytest.CaptureFixture
         assert done.value.code == 0 and flag in capsys.readouterr().out
     with pytest.raises(SystemExit, match="2"):  # argparse's usage error: the options are the scripts' own
         main(["convert", "--output", "out", "--no-such-flag"])
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
     assert main(["compose", "--vision", "/no/such/siglip", "--language-model", "/no/llm", "--output", "out"]) == 1
     assert capsys.readouterr().err == (
         "error: vision: no folder '/no/such/siglip'; pass a vision encoder or SeTok folder (or a Hub model id)\n"
