@@ -47,19 +47,27 @@ class GenerationTesterMixin:
         """Next-token scores a plain greedy decoder picks from; override to mirror tokens `generate` suppresses."""
         return logits
 
-    def reference_greedy(self, model: PreTrainedModel, inputs: dict[str, Any], num_tokens: int) -> torch.Tensor:
-        """Greedy decoding by full forward passes without a cache: the new tokens, `(batch, num_tokens)`."""
+    def reference_greedy(
+        self, model: PreTrainedModel, inputs: dict[str, Any], num_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy decoding by full forward passes without a cache.
+
+        Returns the new tokens, `(batch, num_tokens)`, and the scores each was picked from, `(batch, num_tokens,
+        vocab)`.
+        """
         inputs = dict(inputs)
-        new_tokens = []
+        new_tokens, all_scores = [], []
         with torch.no_grad():
             for _ in range(num_tokens):
                 logits = model(**inputs, use_cache=False).logits[:, -1]
-                token = self.reference_next_token_scores(model, logits).argmax(dim=-1, keepdim=True)
+                scores = self.reference_next_token_scores(model, logits)
+                token = scores.argmax(dim=-1, keepdim=True)
                 new_tokens.append(token)
+                all_scores.append(scores)
                 inputs["input_ids"] = torch.cat([inputs["input_ids"], token], dim=1)
                 if inputs.get("attention_mask") is not None:
                     inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(token)], dim=1)
-        return torch.cat(new_tokens, dim=1)
+        return torch.cat(new_tokens, dim=1), torch.stack(all_scores, dim=1)
 
     def generate(self, model: PreTrainedModel, inputs: dict[str, Any], **kwargs: Any) -> Any:
         kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": False, **kwargs}
@@ -69,14 +77,18 @@ class GenerationTesterMixin:
         return sequences[:, inputs["input_ids"].shape[1] :]
 
     def test_greedy_generate(self):
+        """Cached greedy decoding writes the tokens, and reports the scores, of uncached full forward passes."""
         for model, inputs in self.generative_models():
-            sequences = self.generate(model, inputs)
+            output = self.generate(model, inputs, return_dict_in_generate=True, output_scores=True)
             prompt_length = inputs["input_ids"].shape[1]
-            self.assertEqual(tuple(sequences.shape), (len(inputs["input_ids"]), prompt_length + self.max_new_tokens))
-            torch.testing.assert_close(sequences[:, :prompt_length], inputs["input_ids"])
-            torch.testing.assert_close(
-                self.new_tokens(sequences, inputs), self.reference_greedy(model, inputs, self.max_new_tokens)
-            )
+            expected_shape = (len(inputs["input_ids"]), prompt_length + self.max_new_tokens)
+            self.assertEqual(tuple(output.sequences.shape), expected_shape)
+            torch.testing.assert_close(output.sequences[:, :prompt_length], inputs["input_ids"])
+            tokens, scores = self.reference_greedy(model, inputs, self.max_new_tokens)
+            torch.testing.assert_close(self.new_tokens(output.sequences, inputs), tokens)
+            # where the reference suppresses a token (-inf), `generate` may score it as it likes
+            kept = scores.isfinite()
+            torch.testing.assert_close(torch.stack(output.scores, dim=1)[kept], scores[kept], atol=1e-5, rtol=1e-5)
 
     def test_greedy_generate_dict_outputs(self):
         for model, inputs in self.generative_models():
@@ -239,10 +251,16 @@ class GenerationTesterMixin:
             )
 
     def test_prompt_lookup_decoding_matches_greedy_search(self):
-        """Prompt lookup feeds several candidate tokens per step through the cache; it must not change the result."""
+        """Prompt lookup feeds several candidate tokens per step through the cache; it must not change the result.
+
+        The prompt ends with a bigram it already holds, so the lookup has a candidate from the first step on.
+        """
         for model, inputs in self.generative_models():
             single = {name: value[:1] for name, value in inputs.items()}
-            torch.testing.assert_close(
-                self.generate(model, single, prompt_lookup_num_tokens=2, max_new_tokens=4),
-                self.generate(model, single, max_new_tokens=4),
-            )
+            single["input_ids"] = torch.cat([single["input_ids"], single["input_ids"][:, -3:-1]], dim=1)
+            single["attention_mask"] = torch.ones_like(single["input_ids"])
+            kwargs = {"max_new_tokens": 4, "return_dict_in_generate": True, "output_scores": True}
+            looked_up = self.generate(model, single, prompt_lookup_num_tokens=2, **kwargs)
+            greedy = self.generate(model, single, **kwargs)
+            torch.testing.assert_close(looked_up.sequences, greedy.sequences)
+            torch.testing.assert_close(torch.stack(looked_up.scores), torch.stack(greedy.scores), atol=1e-5, rtol=1e-5)

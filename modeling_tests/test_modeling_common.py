@@ -193,7 +193,7 @@ class SetokimForConditionalGenerationModelTest(common.ModelTesterMixin, Generati
             for prompt in (inputs, text_only):
                 torch.testing.assert_close(
                     self.new_tokens(self.generate(model, prompt), prompt),
-                    self.reference_greedy(model, prompt, self.max_new_tokens),
+                    self.reference_greedy(model, prompt, self.max_new_tokens)[0],
                 )
 
 
