@@ -100,7 +100,9 @@ def test_folder_and_glob_with_an_unreadable_file(tmp_path: Path, capsys: pytest.
     assert main(["tokenize", *argv]) == 0
     captured = capsys.readouterr()
     counts = json.loads((tmp_path / "counts.json").read_text())
-    readable = sorted(path for path in photos.iterdir() if path.suffix in (".png", ".jpg") and "broken" not in path.name)
+    readable = sorted(
+        path for path in photos.iterdir() if path.suffix in (".png", ".jpg") and "broken" not in path.name
+    )
     assert list(counts) == [str(path) for path in readable]
     assert list(counts.values()) == demo_counts([Image.open(path).convert("RGB") for path in readable])
     assert "skipped 1 of 5 files" in captured.err and "2_broken.png" in captured.err
@@ -169,7 +171,9 @@ def test_vision_encoder_folder_is_refused(tmp_path: Path) -> None:
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=64, patch_size=8
     )
     SiglipVisionModel(config).save_pretrained(tmp_path / "siglip")
-    with pytest.raises(SystemExit, match=r"siglip_vision_model model, not a SeTok.*pass a SeTok folder.*setok compose"):
+    with pytest.raises(
+        SystemExit, match=r"siglip_vision_model model, not a SeTok.*pass a SeTok folder.*setok compose"
+    ):
         main(["tokenize", "--model", str(tmp_path / "siglip"), "--out", str(tmp_path)])
 
 

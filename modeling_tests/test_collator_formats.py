@@ -55,7 +55,10 @@ MESSAGES = [
 SHAREGPT = [
     {
         "image": picture(0),
-        "conversations": [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "A red car."}],
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat is shown?"},
+            {"from": "gpt", "value": "A red car."},
+        ],
     },
     {
         "images": [picture(1), picture(2)],
@@ -97,7 +100,9 @@ def test_image_paths_are_read_from_the_image_folder(processor: SetokimProcessor,
     rgba = np.zeros((48, 40, 4), dtype=np.uint8)  # fully transparent: white, as the image processor sees it
     Image.fromarray(rgba, "RGBA").save(tmp_path / "clear.png")
     from_paths = {**SHAREGPT[1], "images": ["coco/0001.png", tmp_path / "clear.png"]}
-    batch = SetokimDataCollator(processor, image_folder=tmp_path)([{**SHAREGPT[0], "image": "coco/0001.png"}, from_paths])
+    batch = SetokimDataCollator(processor, image_folder=tmp_path)(
+        [{**SHAREGPT[0], "image": "coco/0001.png"}, from_paths]
+    )
     in_memory = [{**SHAREGPT[0]}, {**SHAREGPT[1], "images": [picture(0), Image.new("RGB", (40, 48), "white")]}]
     assert_same_batch(batch, SetokimDataCollator(processor)(in_memory))
 

@@ -46,4 +46,5 @@ def test_set_up_commands_are_kept() -> None:
     assert "\npip install torch==2.13.0 && pip install -e . && setok tokenize --out overlays/\n" in text
     test_line = 'pip install torch==2.13.0 && pip install -e ".[dev]" && python -m pytest modeling_tests -q'
     # .ci/run takes the first line that starts with `pip install` and runs `pytest modeling_tests`.
-    assert [line for line in text.splitlines() if re.match(r"^pip install .* pytest modeling_tests", line)][0] == test_line
+    commands = [line for line in text.splitlines() if re.match(r"^pip install .* pytest modeling_tests", line)]
+    assert commands[0] == test_line

@@ -18,8 +18,9 @@ class SetokImageProcessor(PilBackend):
     """Turns PIL images, NumPy arrays or torch tensors (one or a list) into SigLIP-ready `pixel_values`.
 
     Runs on PIL and NumPy alone, so it works without torchvision. Grayscale, RGBA, palette and CMYK images
-    are converted to RGB by `to_rgb` (transparent pixels on white), the same conversion `setok tokenize` uses; inputs that cannot be an image (no pixels, non-finite values, a channel count other
-    than 1, 3 or 4) raise a `ValueError` naming `images`.
+    are converted to RGB by `to_rgb` (transparent pixels on white), the conversion `setok tokenize` uses too;
+    arrays that cannot be an image (no pixels, non-finite values, a channel count other than 1, 3 or 4) raise a
+    `ValueError` naming `images`.
     """
 
     resample = PILImageResampling.BICUBIC

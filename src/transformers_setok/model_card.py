@@ -27,7 +27,8 @@ tokens go through a projector into the language model between `[Img]` and `[/Img
 | part | |
 | --- | --- |
 | vision encoder | `{vision_model_type}`{vision_base}, {image_size}x{image_size} px input, {num_patches} patches |
-| vision tokenizer | density-peak clustering (`cluster_threshold={cluster_threshold}`, `cluster_k={cluster_k}`) and a token merger, {token_size}-wide tokens |
+| clustering | density peaks, `cluster_threshold={cluster_threshold}`, `cluster_k={cluster_k}` |
+| vision tokens | {token_size} wide |
 | projector | `{projector_type}` |
 | language model | `{text_model_type}`{text_base}, {context} |
 
@@ -65,7 +66,8 @@ Without the plugin, the folder carries its modeling code: pass `trust_remote_cod
 ```bibtex
 @inproceedings{{wu2025setok,
   title     = {{Towards Semantic Equivalence of Tokenization in Multimodal {{LLM}}}},
-  author    = {{Wu, Shengqiong and Fei, Hao and Li, Xiangtai and Ji, Jiayi and Zhang, Hanwang and Chua, Tat-Seng and Yan, Shuicheng}},
+  author    = {{Wu, Shengqiong and Fei, Hao and Li, Xiangtai and Ji, Jiayi and Zhang, Hanwang and
+               Chua, Tat-Seng and Yan, Shuicheng}},
   booktitle = {{International Conference on Learning Representations (ICLR)}},
   year      = {{2025}},
   url       = {{{paper}}}

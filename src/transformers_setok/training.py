@@ -109,7 +109,8 @@ class SetokimDataCollator:
         if count_images(messages) != len(images):
             raise ValueError(
                 f"examples[{index}]: `messages` hold {count_images(messages)} image part(s) but `images` holds "
-                f"{len(images)} image(s); give one image per {{'type': 'image'}} part or {IMAGE_TOKEN} marker, in order"
+                f"{len(images)} image(s); give one image per {{'type': 'image'}} part or {IMAGE_TOKEN} marker, "
+                "in order"
             )
         images = [self.read_image(image) for image in images]
         # A turn ends where the next user message starts; system messages before the first user stay with it.

@@ -144,9 +144,7 @@ def draw_token_marks(
             radius = 0.75 * font_size
             color = tuple(int(channel) for channel in palette[token])
             draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=color, outline=MARK_OUTLINE, width=2)
-        draw.text(
-            (x, y), str(token), font=font, fill=MARK_TEXT, anchor="mm", stroke_width=2, stroke_fill=MARK_OUTLINE
-        )
+        draw.text((x, y), str(token), font=font, fill=MARK_TEXT, anchor="mm", stroke_width=2, stroke_fill=MARK_OUTLINE)
     return image
 
 

@@ -1,4 +1,4 @@
-"""`setok compose`: a Setokim from a pretrained vision encoder and a causal LM (see `transformers_setok.conversion`)."""
+"""`setok compose`: a Setokim from a pretrained vision encoder and a causal LM (`transformers_setok.conversion`)."""
 
 from __future__ import annotations
 

@@ -339,9 +339,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--min-tokens", type=int, help="fewest tokens per image (default: the checkpoint's min_tokens)"
     )
-    parser.add_argument(
-        "--max-tokens", type=int, help="most tokens per image (default: the checkpoint's max_tokens)"
-    )
+    parser.add_argument("--max-tokens", type=int, help="most tokens per image (default: the checkpoint's max_tokens)")
     parser.add_argument(
         "--cluster-k", type=int, help="neighbours of the density estimate (default: the checkpoint's cluster_k)"
     )

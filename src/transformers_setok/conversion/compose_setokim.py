@@ -186,4 +186,3 @@ def run(args: argparse.Namespace) -> int:
         f"{config.image_end_token_id} of {len(processor.tokenizer)} tokens"
     )
     return 0
-

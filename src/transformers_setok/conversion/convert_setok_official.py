@@ -11,9 +11,10 @@ Two kinds of official checkpoint exist:
   checkpoint lacks it (as the official training script loads it).
 
 Every source key ends up in exactly one category of the report: mapped, consumed (a copy of a shared tensor,
-or a deterministic buffer the model recomputes, checked first), dropped on purpose (the SigLIP text tower,
-training-only losses), not mapped (parts that have no counterpart in `transformers_setok` yet: the
-detokenizer, the output projector, the diffusion head), or unexpected. Missing, unexpected and mis-shaped keys
+or a deterministic buffer the model recomputes, checked first), dropped on purpose (the SigLIP text tower; the
+contrastive temperature, which `official_pretraining_weights` maps onto `SetokForPreTraining`), not mapped
+(the official detokenizer and stage-1 losses, which have no working architecture to map onto; the output
+projector and the diffusion head, which have no counterpart yet), or unexpected. Missing, unexpected and mis-shaped keys
 are listed by name; the converter refuses to write a partial model unless `allow_partial` is set, and never
 writes one whose tensors do not fit (mis-shaped keys, conflicting copies).
 
@@ -78,7 +79,16 @@ VISION_TOWER = "image_feature_encoder.vision_tower."  # inside the tokenizer: a 
 
 # Source keys that no part of this package takes yet; reported as "not mapped" (a partial conversion).
 NOT_MAPPED_RULES = [
-    (re.compile(r"^(detokenizer|model\.vision_generator)\."), "SeTok detokenizer: transformers_setok has none yet"),
+    (
+        re.compile(r"^(detokenizer|model\.vision_generator)\."),
+        "official detokenizer (a Q-Former + ViT decoder whose forward returns nothing): no working architecture to "
+        "map onto; SetokDetokenizer is the paper's token-conditioned U-Net, trained anew",
+    ),
+    (
+        re.compile(r"^(rec_loss\.|contrastive_loss\.(?!logit_scale$))"),
+        "official stage-1 losses (a reconstruction discriminator; a contrastive loss that calls a string as its text "
+        "encoder): no working architecture to map onto",
+    ),
     (
         re.compile(r"^model\.mm_out_projector\."),
         "output projector (LLM states -> vision tokens, for image generation): no counterpart yet",
@@ -92,10 +102,13 @@ DROPPED_RULES = [
         "SigLIP text tower and contrastive logit scale/bias: SeTok keeps only the vision tower",
     ),
     (
-        re.compile(r"^(rec_loss|contrastive_loss)\."),
-        "stage-1 training losses (discriminator, contrastive text encoder): training only",
+        re.compile(r"^contrastive_loss\.logit_scale$"),
+        "contrastive temperature: not part of a SetokModel; `official_pretraining_weights` maps it onto "
+        "SetokForPreTraining's concept_head.logit_scale",
     ),
 ]
+# Official stage-1 keys that map onto `SetokForPreTraining` (outside the tokenizer), with their target shapes.
+PRETRAINING_KEYS = {"contrastive_loss.logit_scale": ("concept_head.logit_scale", (1,))}
 # Setok key renames, relative to the tokenizer prefix on both sides (the shared LayerNorm is handled apart).
 SETOK_RENAMES = [
     (
@@ -202,6 +215,19 @@ def load_official_state_dict(path: str | Path, progress: bool = True) -> dict[st
             raise CheckpointError(f"{str(file)!r} repeats keys of another shard: {repeated[:5]}")
         state.update(part)
     return state
+
+
+def official_pretraining_weights(stage1: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The `SetokForPreTraining` weights an official stage-1 state dict holds besides its tokenizer.
+
+    Only the contrastive temperature (`contrastive_loss.logit_scale`, a log inverse temperature as in CLIP) has
+    a counterpart; load the result with `model.load_state_dict(weights, strict=False)`.
+    """
+    return {
+        target: stage1[source].reshape(shape).clone()
+        for source, (target, shape) in PRETRAINING_KEYS.items()
+        if source in stage1
+    }
 
 
 def read_official_config(path: str | Path) -> dict[str, Any]:
@@ -799,7 +825,7 @@ def convert_setok(
             `nheads` and `mm_vision_select_layer` the checkpoint was trained with (a stage-1 file does not record
             them; the official defaults 0.55, 64, 2 and -1 apply when None).
         min_tokens: floor on the token count; `min_cluster_num` when None (see `setok_config_from_official`).
-        allow_partial: write even if keys are not mapped (the detokenizer, until this package has one), unexpected
+        allow_partial: write even if keys are not mapped (the official detokenizer and losses), unexpected
             or missing. Mis-shaped or conflicting tensors are never written.
         dtype: `auto` (the checkpoint's) or `float32` / `bfloat16` / `float16`.
         max_shard_size: largest safetensors shard.
@@ -1069,4 +1095,3 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     state = "complete" if result.report.is_complete else "PARTIAL (--allow-partial)"
     print(f"wrote {kind} to {result.output} ({state})")
     return 0
-
