@@ -14,9 +14,9 @@ Every source key ends up in exactly one category of the report: mapped, consumed
 or a deterministic buffer the model recomputes, checked first), dropped on purpose (the SigLIP text tower; the
 contrastive temperature, which `official_pretraining_weights` maps onto `SetokForPreTraining`), not mapped
 (the official detokenizer and stage-1 losses, which have no working architecture to map onto; the output
-projector and the diffusion head, which have no counterpart yet), or unexpected. Missing, unexpected and mis-shaped keys
-are listed by name; the converter refuses to write a partial model unless `allow_partial` is set, and never
-writes one whose tensors do not fit (mis-shaped keys, conflicting copies).
+projector and the diffusion head, which have no counterpart yet), or unexpected. Missing, unexpected and
+mis-shaped keys are listed by name; the converter refuses to write a partial model unless `allow_partial` is
+set, and never writes one whose tensors do not fit (mis-shaped keys, conflicting copies).
 
 Run `setok convert --help` (or `python conversion/convert_setok_official.py --help` from a checkout), or import
 `convert_setok` / `convert_setokim` from `transformers_setok.conversion`.
