@@ -132,6 +132,7 @@ def test_saved_folder_is_what_the_hub_gets(chat_model, tiny_processor: SetokimPr
 REMOTE_SCRIPT = """
 import sys
 import numpy as np
+import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -144,6 +145,8 @@ messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "te
 prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
 inputs = processor(images=[image], text=[prompt], return_tensors="pt")
 out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+with torch.no_grad():
+    torch.save(model(**inputs).logits, sys.argv[2])
 print(type(model).__name__, type(processor).__name__, out[0].tolist())
 """
 
@@ -152,13 +155,16 @@ def test_trust_remote_code_generates_without_the_plugin(chat_model, tiny_process
     folder = tmp_path / "setokim"
     randomize_weights(chat_model, seed=2)
     save_checkpoint(chat_model, tiny_processor, folder)
-    stdout = run_without_plugin(REMOTE_SCRIPT, str(folder), workdir=tmp_path)
+    stdout = run_without_plugin(REMOTE_SCRIPT, str(folder), str(tmp_path / "logits.pt"), workdir=tmp_path)
     name, processor_name, tokens = stdout.strip().splitlines()[-1].split(" ", 2)
     assert (name, processor_name) == ("SetokimForConditionalGeneration", "SetokimProcessor")
     prompt = tiny_processor.apply_chat_template(QUESTION, add_generation_prompt=True)
     inputs = tiny_processor(images=[picture(0)], text=[prompt], return_tensors="pt")
     local = chat_model.generate(**inputs, max_new_tokens=6, do_sample=False)
     assert json.loads(tokens) == local[0].tolist()
+    with torch.no_grad():
+        expected = chat_model(**inputs).logits
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt", weights_only=True), expected, atol=1e-6, rtol=0)
 
 
 def tiny_llama(tokenizer_dir: Path, folder: Path) -> LlamaForCausalLM:
@@ -216,9 +222,11 @@ def test_compose_from_pretrained_parts(tiny_tokenizer_dir: Path, tmp_path: Path,
     assert model.config.text_config.vocab_size == len(processor.tokenizer) == old_vocab + 3
     embeddings = model.get_input_embeddings().weight
     mean = language_model.get_input_embeddings().weight.mean(dim=0)
-    for token_id in (processor.image_token_id, processor.image_start_token_id, processor.image_end_token_id):
+    image_ids = (processor.image_token_id, processor.image_start_token_id, processor.image_end_token_id)
+    for token_id in image_ids:
         assert token_id >= old_vocab
-        torch.testing.assert_close(embeddings[token_id], mean)
+        torch.testing.assert_close(embeddings[token_id], mean, atol=1e-4, rtol=0)  # the mean, a tiny offset apart
+    assert len({tuple(embeddings[token_id].tolist()) for token_id in image_ids}) == 3  # <image> stays findable
     ids = processor.tokenizer(["a photo of a lake"], return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits[..., :old_vocab], language_model(input_ids=ids).logits)
