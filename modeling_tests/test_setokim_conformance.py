@@ -277,3 +277,12 @@ def test_eager_merger_returns_attention_restricted_to_each_cluster() -> None:
     for weights in out.attentions[inner_layers:]:
         padding = ~out.token_mask[:, None, None, :]
         assert float((weights * padding).abs().sum()) == 0.0
+
+
+def test_a_placeholder_embedding_shared_with_its_wrappers_is_refused(model: SetokimForConditionalGeneration) -> None:
+    with torch.no_grad():
+        weight = model.get_input_embeddings().weight
+        weight[IMAGE_START_ID] = weight[IMAGE_TOKEN_ID]
+    embeds = model.get_input_embeddings()(torch.tensor([[1, *IMAGE, 5]])).detach()
+    with pytest.raises(ValueError, match="cannot be found in inputs_embeds; pass input_ids"):
+        model(inputs_embeds=embeds, pixel_values=images(1))

@@ -242,8 +242,15 @@ class SetokimModel(SetokimPreTrainedModel):
 
     def placeholder_embedding(self) -> torch.Tensor:
         """The input embedding of the `<image>` placeholder, by which it is found in caller-given `inputs_embeds`."""
-        embeddings = self.get_input_embeddings()
-        return embeddings(torch.tensor(self.config.image_token_id, device=embeddings.weight.device))
+        config, embeddings = self.config, self.get_input_embeddings()
+        ids = [config.image_token_id, config.image_start_token_id, config.image_end_token_id]
+        placeholder, *wrappers = embeddings(torch.tensor(ids, device=embeddings.weight.device))
+        if any(torch.equal(placeholder, wrapper) for wrapper in wrappers):
+            raise ValueError(
+                "the <image> placeholder's input embedding equals that of [Img] or [/Img], so it cannot be found in "
+                "inputs_embeds; pass input_ids, or give the three tokens distinct embeddings"
+            )
+        return placeholder
 
     def get_placeholder_mask(
         self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None
@@ -490,7 +497,7 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
                 `max_tokens` defaults to `DEFAULT_MAX_TOKENS` (64) tokens per image.
 
         `[Img]`, `[/Img]` and `<image>` are added to the tokenizer; their embeddings start at the mean of the
-        existing ones, so they begin as neutral as an embedding can be.
+        existing ones (each with a tiny offset of its own), so they begin as neutral as an embedding can be.
         """
         check_parts(vision, language_model)
         setok = load_setok(vision, **setok_kwargs)
@@ -869,14 +876,21 @@ def load_setok(vision: str | PreTrainedModel, **setok_kwargs: Any) -> SetokModel
 
 
 def resize_embeddings_to_mean(language_model: PreTrainedModel, vocab_size: int) -> None:
-    """Grow the input (and untied output) embeddings to `vocab_size`, new rows set to the mean of the old ones."""
+    """Grow the input (and untied output) embeddings to `vocab_size`, new rows near the mean of the old ones.
+
+    Each new row is the mean plus its own offset of a thousandth of the rows' spread: as neutral as an embedding
+    can be, yet distinct, so `<image>` can still be told from `[Img]` and `[/Img]` in `inputs_embeds`.
+    """
     old_size = language_model.get_input_embeddings().weight.shape[0]
     if vocab_size <= old_size:
         return
     language_model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for embeddings in {language_model.get_input_embeddings(), language_model.get_output_embeddings()} - {None}:
-            embeddings.weight[old_size:] = embeddings.weight[:old_size].mean(dim=0)
+            old = embeddings.weight[:old_size]
+            offsets = torch.randn(vocab_size - old_size, old.shape[1], generator=generator).to(old)
+            embeddings.weight[old_size:] = old.mean(dim=0) + 1e-3 * old.std(dim=0) * offsets
 
 
 __all__ = [
