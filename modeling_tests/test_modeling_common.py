@@ -6,7 +6,11 @@ reachable. The tiny config pins the token count (`min_tokens == max_tokens`), so
 `NUM_IMAGE_TOKENS` tokens and the expanded sequence length is known in advance, as the mixin expects.
 
 Not run: `PipelineTesterMixin` (its tests load tiny checkpoints from the Hub) and `ConfigTester` (it imports
-`tests/utils/`, which the sdist does not ship either; the configs have their own tests).
+`tests/utils/`, which the sdist does not ship either; the configs have their own tests). The mixin skips some tests
+itself, giving its reasons (`pytest -rs`): hardware (flash attention, accelerators, DeepSpeed, kernels), parts
+Setokim does not have (experts, sliding windows, an encoder-decoder, position embeddings to resize), `@slow`
+compilation, and `test_sdpa_can_dispatch_composite_models`, which finds the vision tower only under the names
+LLaVA-style models use (Setokim's is `setok`).
 """
 
 from __future__ import annotations
