@@ -624,8 +624,8 @@ def test_composed_from_a_trained_setok_generates_the_same_tokens_after_saving(
     assert torch.equal(reloaded.generate(**inputs, max_new_tokens=6, do_sample=False), expected)
 
 
-def test_compose_keeps_a_place_for_the_detokenizer(siglip_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(NotImplementedError, match="Stable-Diffusion-style detokenizer"):
+def test_compose_refuses_missing_parts_and_a_whole_setokim(siglip_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="detokenizer: no folder"):
         compose.compose_setokim(siglip_dir, tmp_path / "llm", detokenizer=tmp_path / "sd")
     assert compose.main(["--vision", "v", "--language-model", "l", "--output", "o", "--detokenizer", "sd"]) == 1
     (tmp_path / "setokim").mkdir()

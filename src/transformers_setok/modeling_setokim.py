@@ -614,6 +614,21 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
             image_regression_loss=regression_loss,
         )
 
+    def add_image_generation(self, detokenizer: SetokDetokenizer | None = None) -> None:
+        """Give a Setokim what drawing needs: a fresh vision head (unless it has one) and, when given, the
+        `detokenizer` that renders its tokens, which from then on is saved in and loaded from its checkpoint."""
+        if self.vision_head is None:
+            self.config.vision_output_head = True
+            self.vision_head = SetokimVisionHead(self.config).to(self.lm_head.weight.device, self.lm_head.weight.dtype)
+        if detokenizer is not None:
+            if detokenizer.config.token_size != self.config.setok_config.token_size:
+                raise ValueError(
+                    f"detokenizer reads {detokenizer.config.token_size}-wide tokens, but this Setokim writes "
+                    f"{self.config.setok_config.token_size}-wide ones"
+                )
+            self.config.detokenizer_config = detokenizer.config
+            self.detokenizer = detokenizer
+
     def image_regression_loss(self, outputs: SetokimModelOutputWithPast) -> torch.Tensor:
         """Teacher-forced regression of the images to write: the hidden state before each of their positions,
         through the vision head, against that position's token from the tokenizer (a fixed target)."""

@@ -7,8 +7,9 @@ Qwen, ...) with its tokenizer. A fresh token merger is built around a bare visio
 joins the two. The folder holds the model (sharded safetensors), its config and a `SetokimProcessor`, so
 `AutoModelForImageTextToText.from_pretrained(folder)` and `AutoProcessor.from_pretrained(folder)` load it.
 
-The detokenizer (a Stable-Diffusion-style folder) will join here once the package has one: `detokenizer` is the
-place for it, and is refused until then.
+With `detokenizer` (a `SetokDetokenizer` folder, a `SetokForPreTraining` folder whose detokenizer is taken, or a
+Stable-Diffusion-style folder whose U-Net, VAE and noise schedule are kept), the Setokim also gets a fresh vision
+head and that detokenizer, so the one folder understands, draws and edits.
 
 Run `setok compose --help` (or `python conversion/compose_setokim.py --help` from a checkout), or import
 `compose_setokim` from `transformers_setok.conversion`.
@@ -25,8 +26,12 @@ from typing import Any
 
 import torch
 from huggingface_hub.utils import HFValidationError, validate_repo_id
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..configuration_setok_detokenizer import SetokDetokenizerConfig
+from ..configuration_setok_pretraining import SetokForPreTrainingConfig
+from ..modeling_setok_detokenizer import SetokDetokenizer
+from ..modeling_setok_pretraining import SetokForPreTraining
 from ..modeling_setokim import SetokimForConditionalGeneration
 from ..processing_setokim import SetokimProcessor
 
@@ -67,16 +72,12 @@ def compose_setokim(
         output: folder to write the model and processor to.
         tokenizer: the language model's tokenizer; its folder by default.
         projector_type: `"linear"` or `"mlp{N}x_gelu"`.
-        detokenizer: reserved for a Stable-Diffusion-style detokenizer folder; refused until the package has one.
+        detokenizer: a detokenizer to compose in (see the module docstring), with a fresh vision head.
         dtype: `auto` (the language model's) or `float32` / `bfloat16` / `float16`.
         max_shard_size: largest safetensors shard.
         setok_kwargs: `SetokConfig` fields of a fresh merger (threshold, budget, sizes); not allowed with a SeTok.
     """
-    if detokenizer is not None:
-        raise NotImplementedError(
-            "detokenizer: transformers_setok has no detokenizer yet, so none can be composed in; this argument is "
-            "where a Stable-Diffusion-style detokenizer folder will join once it does"
-        )
+    check_source("detokenizer", detokenizer, "a SeTok detokenizer, SeTok pretraining or Stable Diffusion folder")
     if dtype != "auto" and not isinstance(dtype, torch.dtype) and dtype not in DTYPES:
         raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
     wanted = DTYPES.get(dtype, dtype) if dtype != "auto" else "auto"
@@ -99,6 +100,9 @@ def compose_setokim(
     model, processor = SetokimForConditionalGeneration.from_parts(
         vision, language_model, tokenizer=tokenizer, projector_type=projector_type, dtype=resolved, **setok_kwargs
     )
+    if detokenizer is not None:
+        renderer = load_detokenizer(detokenizer, model.config.setok_config.token_size)
+        model.add_image_generation(renderer.to(model.dtype))
     if output is not None:
         model.save_pretrained(output, max_shard_size=max_shard_size)
         processor.save_pretrained(output)
@@ -110,6 +114,22 @@ DESCRIPTION = (
     "causal LM (e.g. Vicuna, Llama, Qwen), add [Img], [/Img] and <image> to its tokenizer, and write a folder ready "
     "for training (sharded safetensors, configs, SetokimProcessor)."
 )
+
+
+def load_detokenizer(source: str | Path, token_size: int) -> SetokDetokenizer:
+    """A `SetokDetokenizer` from its own folder, a SeTok pretraining folder, or a Stable-Diffusion-style folder."""
+    folder = Path(source)
+    if (folder / "unet").is_dir():
+        return SetokDetokenizer.from_stable_diffusion(folder, token_size=token_size)
+    model_type = AutoConfig.from_pretrained(str(folder)).model_type
+    if model_type == SetokDetokenizerConfig.model_type:
+        return SetokDetokenizer.from_pretrained(str(folder))
+    if model_type == SetokForPreTrainingConfig.model_type:
+        return SetokForPreTraining.from_pretrained(str(folder)).detokenizer
+    raise ValueError(
+        f"detokenizer: {str(source)!r} holds a {model_type!r} model; pass a SeTok detokenizer or SeTok pretraining "
+        "folder, or a Stable-Diffusion-style folder (unet/, scheduler/, optionally vae/)"
+    )
 
 
 def check_source(argument: str, source: Any, what: str) -> None:
@@ -137,7 +157,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--projector-type", default="mlp2x_gelu", help="linear or mlp{N}x_gelu (default: mlp2x_gelu)")
     parser.add_argument(
         "--detokenizer",
-        help="Stable-Diffusion-style detokenizer folder: reserved, refused until the package has a detokenizer",
+        help="a detokenizer to compose in (adds a vision head): a SeTok detokenizer or SeTok pretraining folder, "
+        "or a Stable-Diffusion-style folder whose U-Net, VAE and noise schedule are kept",
     )
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="default: the language model's")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default: 5GB)")
