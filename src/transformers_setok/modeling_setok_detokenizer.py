@@ -190,6 +190,7 @@ class SetokDetokenizer(PreTrainedModel):
         `noise` and `timesteps` are drawn at random unless given (give them for a low-variance validation loss).
         In training mode each image's tokens are swapped for the null tokens with `condition_drop_prob`.
         """
+        self.conditioner.check_tokens(tokens, token_mask)
         latents = self.encode_images(images)
         batch_size = latents.shape[0]
         if tokens.shape[0] != batch_size:

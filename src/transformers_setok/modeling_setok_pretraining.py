@@ -73,12 +73,11 @@ class SetokForPreTraining(PreTrainedModel):
             init.zeros_(module.bias)
 
     def train(self, mode: bool = True) -> SetokForPreTraining:
-        """Train mode for what trains; frozen encoders stay in eval mode (no dropout noise)."""
+        """Train mode for what trains; a frozen vision encoder stays in eval mode (the concept head keeps its
+        frozen text model in eval mode itself)."""
         super().train(mode)
         if self.config.freeze_vision_model:
             self.setok.vision_model.eval()
-        if self.config.freeze_text_model:
-            self.concept_head.text_model.eval()
         return self
 
     def forward(
