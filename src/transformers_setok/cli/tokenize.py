@@ -30,8 +30,9 @@ from transformers import AutoConfig
 from transformers.utils import logging as transformers_logging
 
 from ..configuration_setok import SetokConfig
+from ..configuration_setokim import SetokimConfig
 from ..image_processing_setok import SetokImageProcessor, load_image
-from ..modeling_setok import SetokModel
+from ..modeling_setok import SetokModel, SetokModelOutput
 from ..modeling_setokim import SetokimForConditionalGeneration
 from ..visualization import draw_token_regions
 
@@ -173,7 +174,7 @@ def load_setok(model_path: str) -> SetokModel:
     return model.eval()
 
 
-def setokim_keys_outside_setok(config: object) -> set[str]:
+def setokim_keys_outside_setok(config: SetokimConfig) -> set[str]:
     """Weight names (without the `model.` prefix) of a Setokim's parts other than its SeTok: LLM, projector, head."""
     with torch.device("meta"):
         model = SetokimForConditionalGeneration(config)
@@ -194,6 +195,7 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def batched(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
+    """Consecutive runs of `size` items, the last one shorter."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
@@ -207,7 +209,8 @@ def display_size(size: tuple[int, int]) -> tuple[int, int]:
 
 def tokenize_batch(
     model: SetokModel, processor: SetokImageProcessor, images: list[Image.Image], args: argparse.Namespace
-):
+) -> SetokModelOutput:
+    """One forward pass with the command's clustering knobs; a setting the model refuses is a one-line error."""
     try:
         pixel_values = processor(images, return_tensors="pt").pixel_values.to(model.device, model.dtype)
         with torch.inference_mode():
