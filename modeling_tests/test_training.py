@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import randomize_weights, setokim_for, tiny_setok_config
 from peft import PeftModel, get_peft_model
+from PIL import Image
 from safetensors import safe_open
 from transformers import AutoTokenizer, Trainer, TrainingArguments
 
@@ -180,6 +181,31 @@ def test_truncation_drops_whole_turns(processor: SetokimProcessor, caplog: pytes
         assert image_groups_are_whole(batch["input_ids"][0].tolist(), processor)
         dropped = len(prefixes) - 1 - kept
         assert (f"Dropped {dropped} trailing turn(s)" in caplog.text) == (dropped > 0), caplog.text
+
+
+def test_tokenizer_without_a_pad_token_pads_with_eos(processor: SetokimProcessor) -> None:
+    processor.tokenizer.pad_token = None
+    batch = SetokimDataCollator(processor)(EXAMPLES)
+    padding = batch["attention_mask"] == 0
+    assert padding.any() and (batch["input_ids"][padding] == processor.tokenizer.eos_token_id).all()
+
+
+def test_empty_conversation_is_named(processor: SetokimProcessor) -> None:
+    with pytest.raises(ValueError, match=r"examples\[1\]: the conversation is empty"):
+        SetokimDataCollator(processor)([EXAMPLES[0], {"messages": []}])
+
+
+def test_image_paths_are_read_from_the_working_directory_by_default(
+    processor: SetokimProcessor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    Image.fromarray(image(0)).save(tmp_path / "relative.png")
+    Image.fromarray(image(1)).save(tmp_path / "absolute.png")
+    monkeypatch.chdir(tmp_path)
+    messages = turn("Compare them.", "Two cats, then a lake.", 2)
+    collator = SetokimDataCollator(processor)
+    from_paths = collator([{"images": ["relative.png", tmp_path / "absolute.png"], "messages": messages}])
+    from_arrays = collator([{"images": [image(0), image(1)], "messages": messages}])
+    torch.testing.assert_close(from_paths["pixel_values"], from_arrays["pixel_values"], atol=1e-6, rtol=0)
 
 
 def test_max_length_must_be_positive(processor: SetokimProcessor) -> None:
@@ -430,6 +456,15 @@ def test_lora_on_the_language_model(processor: SetokimProcessor, tmp_path: Path)
     # The caller's unexpanded ids come back first: peft routed the call through Setokim's own generate.
     assert torch.equal(generated[:, : prompt["input_ids"].shape[1]], prompt["input_ids"])
     assert torch.equal(generated, merged.generate(**prompt, max_new_tokens=5, do_sample=False))
+
+
+def test_lora_config_passes_its_settings(processor: SetokimProcessor) -> None:
+    default = language_model_lora_config()
+    assert (default.r, default.lora_alpha, default.lora_dropout, default.task_type) == (8, 16, 0.0, "CAUSAL_LM")
+    custom = language_model_lora_config(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=("q_proj",), bias="all")
+    assert (custom.r, custom.lora_alpha, custom.lora_dropout, custom.bias) == (4, 8, 0.1, "all")
+    assert custom.target_modules == r"model\.language_model\..*\.(q_proj)"
+    assert type(get_peft_model(setokim_for(processor), default)).__name__ == "PeftModelForCausalLM"
 
 
 def test_lora_with_a_trained_projector_copy(processor: SetokimProcessor) -> None:
