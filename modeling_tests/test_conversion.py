@@ -562,7 +562,7 @@ def test_composed_from_local_parts_loads_and_generates(
         llm = LlamaForCausalLM(LlamaConfig(**sizes))
     else:
         llm = Qwen2ForCausalLM(Qwen2Config(**sizes, tie_word_embeddings=True))
-    llm.save_pretrained(tmp_path / "llm")
+    randomize_weights(llm, seed=3).save_pretrained(tmp_path / "llm")  # trained-looking norms
     tokenizer.save_pretrained(tmp_path / "llm")
 
     code = compose.main(
