@@ -20,6 +20,7 @@ from .configuration_setok_detokenizer import SetokDetokenizerConfig
 from .configuration_setok_pretraining import SetokForPreTrainingConfig
 from .configuration_setokim import SetokimConfig
 from .image_processing_setok import SetokImageProcessor
+from .metrics import load_metric
 from .modeling_setok import SetokModel, SetokModelOutput, SetokPreTrainedModel
 from .modeling_setok_detokenizer import SetokDetokenizer, SetokDetokenizerOutput, SetokTokenConditioner
 from .modeling_setok_pretraining import SetokForPreTraining, SetokForPreTrainingOutput
@@ -34,6 +35,8 @@ from .modeling_setokim import (
 )
 from .pipeline_setok_detokenizer import SetokDetokenizerPipeline, SetokDetokenizerPipelineOutput
 from .processing_setokim import IMAGE_END_TOKEN, IMAGE_START_TOKEN, IMAGE_TOKEN, SetokimProcessor
+from .scene_reader import ReadObject, edit_applied, read_scene, shows_prompt
+from .shapes_world import Scene, SceneObject, render_scene, scene_from_description, shapes_world
 from .tokenizer_training import train_sentencepiece_tokenizer
 from .training import SetokimDataCollator, language_model_lora_config, set_trainable
 from .visualization import draw_token_regions, token_label_map
@@ -102,4 +105,14 @@ __all__ = [
     "language_model_lora_config",
     "set_trainable",
     "token_label_map",
+    "load_metric",
+    "ReadObject",
+    "edit_applied",
+    "read_scene",
+    "shows_prompt",
+    "Scene",
+    "SceneObject",
+    "render_scene",
+    "scene_from_description",
+    "shapes_world",
 ]
