@@ -415,13 +415,17 @@ def propose_edit(scene: Scene, rng: random.Random) -> tuple[Edit, Scene] | None:
         if operation == "recolour":
             colour = rng.choice([c for c in PALETTE if c != item.colour])
             edited = replace(item, colour=colour)
-            return Edit("recolour", item.colour, item.shape, colour), replace(scene, objects=with_object(scene, index, edited))
+            return Edit("recolour", item.colour, item.shape, colour), replace(
+                scene, objects=with_object(scene, index, edited)
+            )
         for direction in rng.sample(tuple(DIRECTIONS), 4):
             dx, dy = DIRECTIONS[direction]
             x, y = item.centre
             moved = replace(item, centre=(round(x + dx * MOVE_STEP, 3), round(y + dy * MOVE_STEP, 3)))
             if fits(moved, others):
-                return Edit("move", item.colour, item.shape, direction), replace(scene, objects=with_object(scene, index, moved))
+                return Edit("move", item.colour, item.shape, direction), replace(
+                    scene, objects=with_object(scene, index, moved)
+                )
     return None
 
 

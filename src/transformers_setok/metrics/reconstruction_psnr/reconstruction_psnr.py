@@ -11,7 +11,7 @@ import evaluate
 import numpy as np
 
 
-class ReconstructionPSNR(evaluate.Metric):
+class ReconstructionPsnr(evaluate.Metric):
     def _info(self):
         image = datasets.Sequence(datasets.Sequence(datasets.Sequence(datasets.Value("float64"))))
         return evaluate.MetricInfo(

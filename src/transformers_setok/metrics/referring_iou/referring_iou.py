@@ -12,7 +12,7 @@ import evaluate
 import numpy as np
 
 
-class ReferringIoU(evaluate.Metric):
+class ReferringIou(evaluate.Metric):
     def _info(self):
         mask = datasets.Sequence(datasets.Sequence(datasets.Value("bool")))
         return evaluate.MetricInfo(
