@@ -168,6 +168,21 @@ def test_padded_images_match_reference() -> None:
     assert_matches_reference(result, 1, features[1, :13], k=3, threshold=0.2)
 
 
+@pytest.mark.parametrize("padding_value", [0.0, 1e3])
+def test_padding_content_and_budgets_beyond_an_image_never_change_its_clusters(padding_value: float) -> None:
+    """Far-away padding is no patch's farthest point, and budgets cap at each image's own valid count."""
+    generator = torch.Generator().manual_seed(10)
+    features = torch.full((2, 20, 6), padding_value, dtype=torch.float64)
+    features[0] = torch.randn(20, 6, generator=generator, dtype=torch.float64)
+    features[1, :6] = torch.randn(6, 6, generator=generator, dtype=torch.float64)
+    valid = torch.ones(2, 20, dtype=torch.bool)
+    valid[1, 6:] = False
+    for settings in (dict(threshold=0.2), dict(threshold=0.2, min_tokens=10), dict(threshold=0.0, max_tokens=8)):
+        result = density_peak_clustering(features, k=3, valid_mask=valid, **settings)
+        assert_matches_reference(result, 0, features[0], k=3, **settings)
+        assert_matches_reference(result, 1, features[1, :6], k=3, **settings)
+
+
 def test_budget_bounds_and_threshold_monotonicity() -> None:
     generator = torch.Generator().manual_seed(9)
     features = torch.randn(4, 40, 8, generator=generator)
