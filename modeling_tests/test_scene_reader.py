@@ -56,7 +56,7 @@ def test_finds_each_object_where_it_was_drawn() -> None:
     rendered = render_scene(scene, 128)
     read = read_scene(rendered.image)
     assert [item.name for item in read] == ["yellow bar", "purple diamond", "orange triangle"]  # by top edge
-    assert [item.bbox for item in read] == rendered.bboxes(3)
+    assert [item.bbox for item in read] == rendered.bboxes()
     for item, mask in zip(read, rendered.masks):
         ys, xs = np.nonzero(mask)
         np.testing.assert_allclose(item.centre, ((xs.mean() + 0.5) / 128, (ys.mean() + 0.5) / 128))
@@ -143,7 +143,9 @@ def test_edits_that_touch_the_rest_or_miss_the_target_fail() -> None:
 def test_bad_images_are_named() -> None:
     with pytest.raises(ValueError, match="image"):
         read_scene(np.zeros((8, 8), dtype=np.uint8))
-    with pytest.raises(ValueError, match="image"):
+    with pytest.raises(ValueError, match=r"image.*\[0, 1\]"):
         read_scene(np.full((8, 8, 3), 2.0))
+    with pytest.raises(ValueError, match=r"image.*\[0, 255\]"):
+        read_scene(np.full((8, 8, 3), 300))
     with pytest.raises(TypeError, match="image"):
         read_scene([[0, 0, 0]])

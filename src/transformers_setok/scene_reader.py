@@ -51,14 +51,17 @@ class ReadObject:
 
 
 def as_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
-    """`(height, width, 3)` float64 in [0, 255] from a PIL image, or a uint8 or [0, 1] float array."""
+    """`(height, width, 3)` float64 in [0, 255] from a PIL image, an integer array in [0, 255] or a float array
+    in [0, 1]."""
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"), dtype=np.float64)
     if not isinstance(image, np.ndarray):
         raise TypeError(f"`image` must be a PIL image or a numpy array, got {type(image).__name__}")
     if image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"`image` must be an array of shape (height, width, 3), got {image.shape}")
-    if image.dtype == np.uint8:
+    if np.issubdtype(image.dtype, np.integer):
+        if image.min() < 0 or image.max() > 255:
+            raise ValueError("`image` as an integer array must hold values in [0, 255]")
         return image.astype(np.float64)
     if not np.isfinite(image).all() or image.min() < 0 or image.max() > 1:
         raise ValueError("`image` as a float array must hold finite values in [0, 1]")

@@ -68,7 +68,8 @@ MOVE_STEP = 0.25  # how far a "move" edit shifts an object
 PLACEMENT_ATTEMPTS = 200
 TASKS = ("captions", "questions", "referring", "editing", "text_to_image")
 NUMBER_WORDS = ("no", "one", "two", "three", "four", "five")
-RELATIONS = ("left of", "right of", "above", "below")
+OPPOSITES = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+RELATIONS = tuple(OPPOSITES)
 DIRECTIONS: dict[str, tuple[float, float]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
 
@@ -116,19 +117,22 @@ class Scene:
 class RenderedScene:
     image: Image.Image
     instance_map: np.ndarray  # (image_size, image_size) uint8: 0 background, i + 1 object i
+    num_objects: int
 
     @property
     def masks(self) -> np.ndarray:
         """`(num_objects, image_size, image_size)` boolean masks, one per object."""
-        count = int(self.instance_map.max())
-        return self.instance_map[None] == np.arange(1, count + 1)[:, None, None]
+        return self.instance_map[None] == np.arange(1, self.num_objects + 1)[:, None, None]
 
-    def bboxes(self, num_objects: int) -> list[tuple[int, int, int, int]]:
-        """Each object's pixel box `(x0, y0, x1, y1)`, ends exclusive (`Image.crop` convention)."""
+    def bboxes(self) -> list[tuple[int, int, int, int]]:
+        """Each object's pixel box `(x0, y0, x1, y1)`, ends exclusive (`Image.crop` convention); an object
+        drawn over by later ones, so that none of it shows, has the box `(0, 0, 0, 0)`."""
         boxes = []
-        for index in range(1, num_objects + 1):
-            ys, xs = np.nonzero(self.instance_map == index)
-            boxes.append((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
+        for mask in self.masks:
+            ys, xs = np.nonzero(mask)
+            boxes.append(
+                (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1) if xs.size else (0, 0, 0, 0)
+            )
         return boxes
 
 
@@ -172,7 +176,8 @@ def shape_outline(shape: str, box: tuple[float, float, float, float]) -> list[tu
 
 
 def render_scene(scene: Scene, image_size: int = 64) -> RenderedScene:
-    """Draws a scene: its image and its instance map (each object's exact mask)."""
+    """Draws a scene: its image and its instance map (each object's exact mask). The world's objects never
+    overlap; in a description of your own, later objects are drawn over earlier ones."""
     if not isinstance(image_size, int) or image_size < 16:
         raise ValueError(f"`image_size` must be an integer of at least 16, got {image_size!r}")
     labels = Image.new("L", (image_size, image_size), 0)
@@ -186,7 +191,7 @@ def render_scene(scene: Scene, image_size: int = 64) -> RenderedScene:
             draw.polygon(shape_outline(item.shape, box), fill=index)
     instance_map = np.asarray(labels)
     colours = np.array([scene.background, *(PALETTE[item.colour] for item in scene.objects)], dtype=np.uint8)
-    return RenderedScene(Image.fromarray(colours[instance_map]), instance_map)
+    return RenderedScene(Image.fromarray(colours[instance_map]), instance_map, len(scene.objects))
 
 
 def fits(candidate: SceneObject, others: Iterable[SceneObject]) -> bool:
@@ -337,7 +342,7 @@ def questions_for(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]
         for a, own_a in zip(objects, names)
         for b, own_b in zip(objects, names)
         if a is not b and own_a and own_b
-        for relation, opposite in (("left of", "right of"), ("above", "below"), ("right of", "left of"))
+        for relation, opposite in OPPOSITES.items()
         if related(a, b, relation) or related(a, b, opposite)
     ]
     if pairs:
@@ -390,11 +395,6 @@ class Edit:
                 return cls(operation, *match.groups())
         raise ValueError(f"`instruction` is not a shapes-world edit ({', '.join(patterns)}): {instruction!r}")
 
-    def target(self, scene: Scene) -> int | None:
-        """The index of the object the edit names; None for "add", or when that kind is absent or repeated."""
-        matches = [i for i, item in enumerate(scene.objects) if item.name == f"{self.colour} {self.shape}"]
-        return matches[0] if self.operation != "add" and len(matches) == 1 else None
-
 
 def propose_edit(scene: Scene, rng: random.Random) -> tuple[Edit, Scene] | None:
     """A random edit the scene allows, and the edited scene (None when it allows none)."""
@@ -445,19 +445,19 @@ OBJECT_FEATURES = {
     "colour": datasets.Value("string"),
     "size": datasets.Value("string"),
     "scale": datasets.Value("float64"),
-    "centre": datasets.List(datasets.Value("float64"), length=2),
-    "bbox": datasets.List(datasets.Value("int32"), length=4),
+    "centre": datasets.Sequence(datasets.Value("float64"), length=2),
+    "bbox": datasets.Sequence(datasets.Value("int32"), length=4),
 }
 SCENE_FEATURES = {
-    "background": datasets.List(datasets.Value("uint8"), length=3),
-    "objects": datasets.List(OBJECT_FEATURES),
+    "background": datasets.Sequence(datasets.Value("uint8"), length=3),
+    "objects": [OBJECT_FEATURES],
 }
 FEATURES = {
     "captions": datasets.Features(
         scene_id=datasets.Value("string"),
         image=datasets.Image(),
         caption=datasets.Value("string"),
-        concepts=datasets.List(datasets.Value("string")),
+        concepts=datasets.Sequence(datasets.Value("string")),
         scene=SCENE_FEATURES,
         instance_map=datasets.Image(),
     ),
@@ -497,7 +497,7 @@ def scene_records(seed: int, index: int, image_size: int) -> dict[str, list[dict
     scene_id = f"{seed}-{index}"
     rendered = render_scene(scene, image_size)
     image = png(rendered.image)
-    description = scene.describe(rendered.bboxes(len(scene.objects)))
+    description = scene.describe(rendered.bboxes())
     records: dict[str, list[dict]] = {task: [] for task in TASKS}
     records["captions"].append(
         {
@@ -536,7 +536,7 @@ def scene_records(seed: int, index: int, image_size: int) -> dict[str, list[dict
                 "source_image": image,
                 "edited_image": png(edited_render.image),
                 "source_scene": description,
-                "edited_scene": edited.describe(edited_render.bboxes(len(edited.objects))),
+                "edited_scene": edited.describe(edited_render.bboxes()),
             }
         )
     records["text_to_image"].append({"scene_id": scene_id, "prompt": prompt_for(scene), "image": image})
