@@ -401,8 +401,9 @@ def propose_edit(scene: Scene, rng: random.Random) -> tuple[Edit, Scene] | None:
     objects = scene.objects
     unique = [i for i, own in enumerate(unique_names(scene)) if objects[i].name in own]
     for operation in rng.sample(("recolour", "remove", "add", "move"), 4):
-        if operation == "add" and len(objects) < MAX_OBJECTS:
-            added = place(rng, rng.choice(SHAPES), rng.choice(tuple(PALETTE)), objects)
+        if operation == "add":
+            full = len(objects) == MAX_OBJECTS
+            added = None if full else place(rng, rng.choice(SHAPES), rng.choice(tuple(PALETTE)), objects)
             if added is not None:
                 return Edit("add", added.colour, added.shape), replace(scene, objects=objects + (added,))
             continue
