@@ -41,10 +41,16 @@ def images(count: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(count, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
 
 
-def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def padded(rows: list[list[int]], side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """`input_ids` and `attention_mask` of `rows` padded to one width on `side`."""
     width = max(map(len, rows))
-    ids = torch.tensor([[PAD_ID] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+
+    def pad(row: list[int], fill: int) -> list[int]:
+        padding = [fill] * (width - len(row))
+        return padding + row if side == "left" else row + padding
+
+    ids = torch.tensor([pad(r, PAD_ID) for r in rows])
+    mask = torch.tensor([pad([1] * len(r), 0) for r in rows])
     return ids, mask
 
 
@@ -91,7 +97,7 @@ ROW_IMAGES = [slice(0, 1), slice(1, 3), slice(3, 3)]
 
 def test_logits_align_with_a_piecewise_reference(any_setokim: SetokimForConditionalGeneration) -> None:
     pixels = images(3)
-    ids, mask = left_pad(ROWS)
+    ids, mask = padded(ROWS)
     with torch.no_grad():
         out = any_setokim(input_ids=ids, pixel_values=pixels, attention_mask=mask)
         expected = [reference_logits(any_setokim, row, row_pixels(pixels, at)) for row, at in zip(ROWS, ROW_IMAGES)]
@@ -105,12 +111,37 @@ def test_logits_align_with_a_piecewise_reference(any_setokim: SetokimForConditio
 def test_left_padded_rows_equal_each_row_alone(any_setokim: SetokimForConditionalGeneration) -> None:
     """A row's logits depend neither on the padding in front of it nor on the other rows of the batch."""
     pixels = images(3, seed=5)
-    ids, mask = left_pad(ROWS)
+    ids, mask = padded(ROWS)
     with torch.no_grad():
         batched = any_setokim(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits
         for index, (row, at) in enumerate(zip(ROWS, ROW_IMAGES)):
             alone = any_setokim(input_ids=torch.tensor([row]), pixel_values=row_pixels(pixels, at)).logits[0]
             torch.testing.assert_close(batched[index, -len(alone) :], alone, atol=1e-5, rtol=1e-4, msg=f"row {index}")
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_expansion_keeps_the_padding_side_of_the_input(tiny_setokim, side: str) -> None:
+    ids, mask = padded([[1, *IMAGE, 5], [1, *IMAGE, 5, 6]], side=side)  # a single padding token
+    same_image = images(1).expand(2, -1, -1, -1)  # so the rows stay one token apart after expansion
+    with torch.no_grad():
+        expanded = tiny_setokim.model.prepare_multimodal_inputs(ids, same_image, mask).attention_mask
+    assert expanded[0, 0 if side == "left" else -1] == 0 and expanded[1].all()
+
+
+def test_right_padded_rows_stay_right_padded_and_equal_each_row_alone(
+    any_setokim: SetokimForConditionalGeneration,
+) -> None:
+    """Expansion re-pads on the side the input was padded on: a right-padded row starts at position 0."""
+    pixels = images(3, seed=7)
+    ids, mask = padded(ROWS, side="right")
+    assert (mask[:, 0] == 1).all() and (mask == 0).any(), "padded on the right"
+    with torch.no_grad():
+        out = any_setokim(input_ids=ids, pixel_values=pixels, attention_mask=mask)
+        for index, (row, at) in enumerate(zip(ROWS, ROW_IMAGES)):
+            alone = any_setokim(input_ids=torch.tensor([row]), pixel_values=row_pixels(pixels, at)).logits[0]
+            length = len(alone)
+            assert out.attention_mask[index].tolist() == [1] * length + [0] * (out.logits.shape[1] - length)
+            torch.testing.assert_close(out.logits[index, :length], alone, atol=1e-5, rtol=1e-4, msg=f"row {index}")
 
 
 def expanded_targets(row: list[int], num_tokens: list[int]) -> list[int]:
@@ -121,7 +152,7 @@ def expanded_targets(row: list[int], num_tokens: list[int]) -> list[int]:
 
 def test_loss_of_a_left_padded_batch_equals_the_reference(any_setokim: SetokimForConditionalGeneration) -> None:
     pixels = images(3, seed=6)
-    ids, mask = left_pad(ROWS)
+    ids, mask = padded(ROWS)
     first = mask.cumsum(dim=1) == 1  # a row's first token has nothing before it to predict it
     labels = ids.masked_fill((mask == 0) | first, IGNORE_INDEX)
     with torch.no_grad():
@@ -158,11 +189,12 @@ def test_loss_on_text_targets_only_and_gradients_reach_projector_and_merger(
 
 def test_position_ids_count_attended_tokens_from_zero(tiny_setokim: SetokimForConditionalGeneration) -> None:
     """A left-padded row gets the positions `0..n-1` it gets alone, whatever the padding before it."""
-    ids, mask = left_pad(ROWS)
+    ids, mask = padded(ROWS)
     for padding_side in ("left", "right"):
         with torch.no_grad():
             prepared = tiny_setokim.model.prepare_multimodal_inputs(ids, images(3), mask, padding_side=padding_side)
         for row in range(len(ROWS)):
+            assert prepared.attention_mask.dtype == torch.long
             attended = prepared.attention_mask[row].bool()
             assert prepared.position_ids[row, attended].tolist() == list(range(int(attended.sum()))), padding_side
 
@@ -172,7 +204,7 @@ def test_text_only_batch_equals_the_plain_language_model(tiny_setokim: SetokimFo
     plain = LlamaForCausalLM(LlamaConfig(**config.to_dict())).eval()
     plain.model.load_state_dict(tiny_setokim.model.language_model.state_dict())
     plain.lm_head.load_state_dict(tiny_setokim.lm_head.state_dict())
-    ids, mask = left_pad([[1, 5, 6, 7], [1, 8, 9, 10, 11, 12]])
+    ids, mask = padded([[1, 5, 6, 7], [1, 8, 9, 10, 11, 12]])
     with torch.no_grad():
         ours = tiny_setokim(input_ids=ids, attention_mask=mask, labels=ids)
         theirs = plain(input_ids=ids, attention_mask=mask, labels=ids)
@@ -193,7 +225,7 @@ def test_batched_left_padded_greedy_equals_each_row_alone(any_setokim: SetokimFo
     with torch.no_grad():
         counts = any_setokim.get_image_features(pixels).num_tokens
     assert len(set(counts.tolist())) == 4, "the images give different token counts, so the rows are re-padded"
-    ids, mask = left_pad(rows)
+    ids, mask = padded(rows)
     batched = greedy(any_setokim, ids, mask, pixels)
     assert torch.equal(batched[:, : ids.shape[1]], ids), "sequences start with the caller's input_ids"
     for row, (tokens, images_at) in enumerate(zip(rows, at)):
@@ -206,7 +238,7 @@ def test_batched_left_padded_greedy_equals_each_row_alone(any_setokim: SetokimFo
 
 
 def test_cache_and_no_cache_agree(tiny_setokim: SetokimForConditionalGeneration) -> None:
-    ids, mask = left_pad([[1, *IMAGE, 5, 6], [1, 8, *IMAGE, *IMAGE, 9, 10, 11]])
+    ids, mask = padded([[1, *IMAGE, 5, 6], [1, 8, *IMAGE, *IMAGE, 9, 10, 11]])
     pixels = images(3, seed=1)
     cached = greedy(tiny_setokim, ids, mask, pixels, use_cache=True)
     uncached = greedy(tiny_setokim, ids, mask, pixels, use_cache=False)
@@ -214,7 +246,7 @@ def test_cache_and_no_cache_agree(tiny_setokim: SetokimForConditionalGeneration)
 
 
 def test_beam_search_and_sampling_are_reproducible(tiny_setokim: SetokimForConditionalGeneration) -> None:
-    ids, mask = left_pad([[1, *IMAGE, 5, 6], [1, 8, *IMAGE, 9, 10]])
+    ids, mask = padded([[1, *IMAGE, 5, 6], [1, 8, *IMAGE, 9, 10]])
     pixels = images(2, seed=2)
     beams = [
         tiny_setokim.generate(
