@@ -57,32 +57,24 @@ if not torch.cuda.is_available():
         "cost most of this module's time, and the float32 cases run the same code paths"
     )
 
-# Real Setokim gaps (issue 11), expected to fail until fixed in src/; remove an entry once its test passes.
+# Real Setokim gaps (issue 11), expected to fail until fixed in src/; remove an entry once its test passes. Check
+# with `pytest --runxfail`: a test whose failing part is a subtest reports XPASS beside its SUBXFAIL.
 KNOWN_FAILURES: dict[str, str] = {
-    "test_model_outputs_equivalence": (
-        "return_dict=False crashes: it travels in **kwargs to the language model, which returns a tuple "
-        "(SetokimModel.forward reads outputs.last_hidden_state)"
-    ),
-    "test_inputs_embeds": "inputs_embeds cannot be given with pixel_values (SetokimModel.forward raises)",
-    "test_inputs_embeds_matches_input_ids": "inputs_embeds cannot be given with pixel_values",
-    "test_generate_from_inputs_embeds": "generate(inputs_embeds=..., pixel_values=...) needs input_ids",
-    "test_get_image_features_output": (
-        "get_image_features takes no return_dict and returns no last_hidden_state/pooler_output"
-    ),
-    "test_get_image_features_pooler_output": "get_image_features takes no return_dict",
-    "test_get_image_features_hidden_states": "get_image_features takes no output_hidden_states, returns none",
-    "test_get_image_features_attentions": "get_image_features takes no output_attentions, returns none",
-    "test_can_set_attention_dynamically": (
-        "the merger's attention (modeling_setok.py) does not go through ALL_ATTENTION_FUNCTIONS.get_interface"
-    ),
-    "test_can_set_attention_dynamically_composite_model": "the merger's attention ignores set_attn_implementation",
-    "test_generate_never_writes_the_image_placeholder": (
-        "text generation can write the <image> placeholder (nothing suppresses it at decoding); a text-only "
-        "generate then crashes mid-way"
-    ),
     "test_causal_lm_loss_honors_shift_labels": (
         "forward refuses shift_labels (check_forward_kwargs: not in TransformersKwargs), a loss argument every "
-        "causal LM takes; it must be expanded like labels"
+        "causal LM takes; it would have to be expanded like labels"
+    ),
+    "test_model_outputs_equivalence": (
+        "the outputs hold bool tensors (image_features.token_mask), and the mixin formats its message eagerly with "
+        "`tuple_object - dict_object`, which bool tensors refuse; the tuples themselves equal the dataclass fields"
+    ),
+    "test_get_image_features_output": (
+        "the mixin reads the expected width from config.vision_config (or config.hidden_size); SetokimConfig has "
+        "neither, only setok_config.vision_config"
+    ),
+    "test_get_image_features_attentions": (
+        "attentions come from the merger (inner + inter layers: 4) while hidden_states come from the vision "
+        "encoder (2 layers + 1); the mixin expects the encoder's attentions beside its hidden states"
     ),
     "test_forward_declares_output_attentions": (
         "`from __future__ import annotations` makes `**kwargs: Unpack[TransformersKwargs]` a string, so the mixin "
