@@ -110,9 +110,14 @@ class SetokimModelTester:
         self.image_size = config.setok_config.vision_config.image_size
         self.patch_size = config.setok_config.vision_config.patch_size
 
-    def get_config(self):
+    def get_config(self) -> SetokimConfig:
+        """The conftest's tiny Setokim, its token count pinned and its three widths distinct.
+
+        Vision encoder 32, SeTok tokens 24, language model 48: a tensor of the wrong one of them fails a shape check.
+        """
         setok_config = tiny_setok_config(min_tokens=NUM_IMAGE_TOKENS, max_tokens=NUM_IMAGE_TOKENS)
-        return tiny_setokim_config(setok_config=setok_config)
+        text_config = {**tiny_setokim_config().text_config.to_dict(), "hidden_size": 48, "head_dim": 12}
+        return tiny_setokim_config(setok_config=setok_config, text_config=text_config)
 
     def prepare_config_and_inputs_for_common(self) -> tuple:
         config = self.get_config()
