@@ -5,11 +5,12 @@ edited image changed what its instruction asked and kept the rest. Generated ima
 step tolerates mild blur and noise:
 
 1. the background is the median colour of the image border (objects keep off it);
-2. objects are the connected regions of pixels far from the background; each is re-cut at half of its own
-   contrast, which puts a blurred edge back where it was drawn, and specks smaller than 0.3% of the image
-   are ignored;
-3. a region's colour is the `PALETTE` entry nearest to the median of its pixels;
-4. its shape comes from simple geometry: a box three times wider than tall is a bar; otherwise the fraction
+2. objects are the connected regions of pixels far from the background, and specks smaller than 0.3% of the
+   image are ignored;
+3. a region's colour is the `PALETTE` entry nearest to the median of its quarter farthest from the
+   background, and the region is re-cut halfway between the background and that colour, which puts a blurred
+   edge back where it was drawn;
+4. its shape comes from simple geometry: a box at least twice as wide as tall is a bar; otherwise the fraction
    of its box it fills says square (about 1), circle (about pi / 4) or triangle and diamond (about 1 / 2),
    and those two differ in where they are wide (a triangle at the bottom, a diamond in the middle).
 """
