@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from transformers_setok import render_scene, scene_from_description, shapes_world
-from transformers_setok.shapes_world import GAP, MAX_OBJECTS, PALETTE, SHAPES, parse_prompt
+from transformers_setok.shapes_world import GAP, MAX_OBJECTS, PALETTE, SHAPES, SIZES, parse_prompt
 
 NUM_SCENES = 60
 
@@ -102,6 +102,7 @@ def test_scenes_are_drawn_as_described(world) -> None:
         counts[len(objects)] += 1
         assert 1 <= len(objects) <= MAX_OBJECTS
         assert all(item["shape"] in SHAPES and item["colour"] in PALETTE for item in objects)
+        assert all(SIZES[item["size"]][0] <= item["scale"] <= SIZES[item["size"]][1] for item in objects)
         assert (pixels[labels == 0] == scene["background"]).all()
         assert min(scene["background"]) >= 220  # light
         for index, item in enumerate(objects):
