@@ -72,6 +72,10 @@ KNOWN_FAILURES: dict[str, str] = {
         "the mixin reads the expected width from config.vision_config (or config.hidden_size); SetokimConfig has "
         "neither, only setok_config.vision_config"
     ),
+    "test_multimodal_outputs_are_returned": (
+        "SetokimConfig has no vision_config, so the mixin takes Setokim for a text-only model; given one, it expects "
+        "the image encoder's outputs as `outputs.image_outputs` (Setokim's are `outputs.image_features`)"
+    ),
     "test_get_image_features_attentions": (
         "attentions come from the merger (inner + inter layers: 4) while hidden_states come from the vision "
         "encoder (2 layers + 1); the mixin expects the encoder's attentions beside its hidden states"
@@ -190,6 +194,11 @@ class SetokimForConditionalGenerationModelTest(common.ModelTesterMixin, Generati
     def test_can_set_attention_dynamically_composite_model(self):
         self.assert_every_part_can_set_attention()
         super().test_can_set_attention_dynamically_composite_model()
+
+    def test_multimodal_outputs_are_returned(self):
+        # the mixin checks nothing for a config without `vision_config`, taking it for a text-only model
+        self.assertIsNotNone(getattr(self.model_tester.get_config(), "vision_config", None), "no vision_config")
+        super().test_multimodal_outputs_are_returned()
 
     def reference_next_token_scores(self, model, logits):
         """Text generation never writes the image placeholder (issue 11), so the reference never picks it."""
