@@ -9,6 +9,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .configuration_mask_decoder import SetokimMaskDecoderConfig
 from .configuration_setok import SetokConfig
 from .configuration_setok_detokenizer import SetokDetokenizerConfig
 
@@ -42,6 +43,9 @@ class SetokimConfig(PreTrainedConfig):
             Weight of the mean squared error between predicted and target tokens in the training loss.
         image_regression_cosine_weight (`float`, *optional*, defaults to 1.0):
             Weight of `1 - cosine similarity` between predicted and target tokens in the training loss.
+        mask_decoder_config (`dict` or `SetokimMaskDecoderConfig`, *optional*):
+            The mask decoder that turns the tokens written for a referred region into its mask (`segment`); needs
+            the vision output head. `None` leaves it out.
     """
 
     model_type = "setokim"
@@ -49,6 +53,7 @@ class SetokimConfig(PreTrainedConfig):
         "setok_config": SubConfigSpec(config_class=SetokConfig),
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
         "detokenizer_config": SubConfigSpec(config_class=SetokDetokenizerConfig, optional=True),
+        "mask_decoder_config": SubConfigSpec(config_class=SetokimMaskDecoderConfig, optional=True),
     }
 
     setok_config: dict | PreTrainedConfig | None = None
@@ -62,6 +67,7 @@ class SetokimConfig(PreTrainedConfig):
     detokenizer_config: dict | PreTrainedConfig | None = None
     image_regression_mse_weight: float = 1.0
     image_regression_cosine_weight: float = 1.0
+    mask_decoder_config: dict | PreTrainedConfig | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -80,6 +86,8 @@ class SetokimConfig(PreTrainedConfig):
                 f"detokenizer_config.token_size ({self.detokenizer_config.token_size}) must equal "
                 f"setok_config.token_size ({self.setok_config.token_size}): it renders the tokens SeTok writes"
             )
+        if self.mask_decoder_config is not None and not self.vision_output_head:
+            raise ValueError("mask_decoder_config needs vision_output_head=True: it reads the tokens the model writes")
         for name in ("image_regression_mse_weight", "image_regression_cosine_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

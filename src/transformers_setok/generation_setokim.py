@@ -55,6 +55,26 @@ class SetokimImageGenerationOutput(ModelOutput):
     sequences: torch.LongTensor | None = None
 
 
+@dataclass
+class WrittenVisionTokens(ModelOutput):
+    """What the vision-token loop wrote.
+
+    Attributes:
+        tokens: `(batch, max_tokens, token_size)` the predicted tokens; zeros in padding slots.
+        token_mask: `(batch, max_tokens)` which slots hold a written token.
+        num_tokens: `(batch,)` tokens written per row.
+        hidden_states: `(batch, max_tokens, text_hidden_size)` the LLM state each token was predicted from.
+        image_features: the prompt images' features (their patch features are what a mask decoder reads), or
+            `None` for prompts without images.
+    """
+
+    tokens: torch.FloatTensor | None = None
+    token_mask: torch.BoolTensor | None = None
+    num_tokens: torch.LongTensor | None = None
+    hidden_states: torch.FloatTensor | None = None
+    image_features: Any = None
+
+
 def image_regression_loss(
     predicted: torch.Tensor, target: torch.Tensor, mse_weight: float, cosine_weight: float
 ) -> torch.Tensor:
@@ -86,17 +106,19 @@ def prompts_opening_an_image(
     attention_mask: torch.Tensor,
     new_tokens: torch.LongTensor | None,
     config: SetokimConfig,
-) -> list[list[int]]:
-    """Each row's prompt, the text written before its image (up to the first `[Img]`, or EOS), then `[Img]`."""
+) -> tuple[list[list[int]], list[bool]]:
+    """Each row's prompt, the text written before its image (up to the first `[Img]`, or EOS), then `[Img]`;
+    and per row whether the model opened the image itself (`False` where its text ended with EOS first)."""
     start, eos = config.image_start_token_id, config.text_config.eos_token_id
     stops = {start, *(eos if isinstance(eos, list) else [eos] if eos is not None else [])}
-    rows = []
+    rows, opened = [], []
     for row, (ids, mask) in enumerate(zip(input_ids.tolist(), attention_mask.tolist())):
         prompt = [token for token, keep in zip(ids, mask) if keep]
         text = new_tokens[row].tolist() if new_tokens is not None else []
         end = next((position for position, token in enumerate(text) if token in stops), len(text))
         rows.append(prompt + text[:end] + [start])
-    return rows
+        opened.append(end == len(text) or text[end] == start)
+    return rows, opened
 
 
 def left_pad(rows: list[list[int]], pad_token_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,24 +136,22 @@ def write_vision_tokens(
     pixel_values: torch.FloatTensor | None,
     max_image_tokens: int,
     **clustering: Any,
-) -> tuple[torch.Tensor, torch.BoolTensor, torch.LongTensor]:
+) -> WrittenVisionTokens:
     """The vision-token loop over left-padded prompts that end in `[Img]`, on the KV cache.
 
     One prefill over the prompts (their own images expanded), then one LLM step per vision token: the vision
     head turns the last hidden state into a token, the projector feeds it back, and the LM head's choice
-    between another placeholder and `[/Img]` stops each row on its own. Returns the tokens, their mask and
-    the count per row.
+    between another placeholder and `[/Img]` stops each row on its own.
     """
     setokim, config = model.model, model.config
+    image_features = None
     if pixel_values is not None:
         prepared = setokim.prepare_multimodal_inputs(
             input_ids, pixel_values, attention_mask, padding_side="left", **clustering
         )
-        input_ids, attention_mask = prepared.input_ids, prepared.attention_mask
-        position_ids, inputs_embeds = (
-            prepared.position_ids,
-            setokim.embed_with_images(prepared.input_ids, prepared.image_embeds),
-        )
+        input_ids, attention_mask, position_ids = prepared.input_ids, prepared.attention_mask, prepared.position_ids
+        inputs_embeds = setokim.embed_with_images(prepared.input_ids, prepared.image_embeds)
+        image_features = prepared.image_features
     else:
         position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
         inputs_embeds = setokim.embed_with_images(input_ids, None)
@@ -142,12 +162,14 @@ def write_vision_tokens(
     hidden = outputs.last_hidden_state[:, -1]
     cache, position = outputs.cache, position_ids[:, -1]
     tokens = hidden.new_zeros(batch_size, max_image_tokens, config.setok_config.token_size)
+    states = hidden.new_zeros(batch_size, max_image_tokens, hidden.shape[-1])
     counts = torch.zeros(batch_size, dtype=torch.long, device=hidden.device)
     writing = torch.ones(batch_size, dtype=torch.bool, device=hidden.device)
     choices = torch.tensor([config.image_token_id, config.image_end_token_id], device=hidden.device)
     for step in range(max_image_tokens):
         token = model.vision_head(hidden)
         tokens[:, step] = token * writing[:, None].to(token.dtype)
+        states[:, step] = hidden * writing[:, None].to(hidden.dtype)
         counts += writing.long()
         if step == max_image_tokens - 1:
             break
@@ -166,8 +188,13 @@ def write_vision_tokens(
         if not bool(writing.any()):
             break
     width = int(counts.max())
-    token_mask = torch.arange(width, device=counts.device)[None, :] < counts[:, None]
-    return tokens[:, :width], token_mask, counts
+    return WrittenVisionTokens(
+        tokens=tokens[:, :width],
+        token_mask=torch.arange(width, device=counts.device)[None, :] < counts[:, None],
+        num_tokens=counts,
+        hidden_states=states[:, :width],
+        image_features=image_features,
+    )
 
 
 def written_sequences(

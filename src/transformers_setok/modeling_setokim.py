@@ -31,6 +31,7 @@ from .configuration_setokim import SetokimConfig
 from .generation_setokim import (
     SetokimImageGenerationOutput,
     SetokimVisionHead,
+    WrittenVisionTokens,
     check_generation_setup,
     image_regression_loss,
     left_pad,
@@ -40,6 +41,12 @@ from .generation_setokim import (
 )
 from .image_processing_setok import SetokImageProcessor
 from .model_card import write_model_card
+from .modeling_mask_decoder import (
+    SetokimMaskDecoder,
+    SetokimSegmentationOutput,
+    mask_loss,
+    region_images,
+)
 from .modeling_setok import SetokModel, SetokModelOutput, check_pixel_values
 from .modeling_setok_detokenizer import SetokDetokenizer
 from .pipeline_setok_detokenizer import SetokDetokenizerPipeline
@@ -50,6 +57,7 @@ from .placeholder_expansion import (
     drop_leading_image_embeds,
     expand_image_placeholders,
     pack_image_embeds,
+    pack_rows,
 )
 from .processing_setokim import SetokimProcessor
 
@@ -88,6 +96,7 @@ class SetokimMultimodalInputs(ModelOutput):
             fill the image positions of `input_ids`.
         image_features: what [`SetokimModel.get_image_features`] returned.
         generation_targets: `(num_images,)` which images the labels ask the model to write (with a vision head).
+        image_rows: `(num_images,)` the row each image is in.
     """
 
     input_ids: torch.LongTensor | None = None
@@ -98,6 +107,7 @@ class SetokimMultimodalInputs(ModelOutput):
     image_embeds: torch.FloatTensor | None = None
     image_features: SetokimImageFeatures | None = None
     generation_targets: torch.BoolTensor | None = None
+    image_rows: torch.LongTensor | None = None
 
 
 @dataclass
@@ -109,12 +119,14 @@ class SetokimModelOutputWithPast(BaseModelOutputWithPast):
         labels: expanded labels when labels were given (`-100` on padding and on images the model only reads).
         image_features: the images' tokens, when `pixel_values` were given.
         generation_targets: `(num_images,)` which images the labels ask the model to write (with a vision head).
+        image_rows: `(num_images,)` the row each image is in.
     """
 
     attention_mask: torch.LongTensor | None = None
     labels: torch.LongTensor | None = None
     image_features: SetokimImageFeatures | None = None
     generation_targets: torch.BoolTensor | None = None
+    image_rows: torch.LongTensor | None = None
 
 
 @dataclass
@@ -128,12 +140,16 @@ class SetokimCausalLMOutputWithPast(CausalLMOutputWithPast):
         image_features: the images' tokens, when `pixel_values` were given.
         image_regression_loss: the weighted MSE + cosine loss of the predicted tokens of the images to write
             (already part of `loss`).
+        mask_logits: with `target_masks`, the mask decoder's logits of each segmented row's region.
+        mask_loss: with `target_masks`, the weighted BCE + Dice loss of those masks (already part of `loss`).
     """
 
     attention_mask: torch.LongTensor | None = None
     labels: torch.LongTensor | None = None
     image_features: SetokimImageFeatures | None = None
     image_regression_loss: torch.FloatTensor | None = None
+    mask_logits: torch.FloatTensor | None = None
+    mask_loss: torch.FloatTensor | None = None
 
 
 FORWARD_KWARGS = frozenset(TransformersKwargs.__annotations__)
@@ -327,6 +343,7 @@ class SetokimModel(SetokimPreTrainedModel):
             generation_targets=labels[placeholder_mask] != IGNORE_INDEX
             if labels is not None and self.config.vision_output_head
             else None,
+            image_rows=image_rows,
         )
 
     def embed_with_images(self, input_ids: torch.LongTensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
@@ -374,7 +391,7 @@ class SetokimModel(SetokimPreTrainedModel):
         clustering = dict(
             cluster_threshold=cluster_threshold, min_tokens=min_tokens, max_tokens=max_tokens, cluster_k=cluster_k
         )
-        image_features = generation_targets = None
+        image_features = generation_targets = image_rows = None
         if pixel_values is not None:
             if image_embeds is not None or position_ids is not None:
                 raise ValueError(
@@ -386,7 +403,7 @@ class SetokimModel(SetokimPreTrainedModel):
             input_ids, inputs_embeds = prepared.input_ids, prepared.inputs_embeds
             attention_mask, position_ids = prepared.attention_mask, prepared.position_ids
             labels, image_embeds, image_features = prepared.labels, prepared.image_embeds, prepared.image_features
-            generation_targets = prepared.generation_targets
+            generation_targets, image_rows = prepared.generation_targets, prepared.image_rows
         else:
             given = sorted(name for name, value in clustering.items() if value is not None)
             if given:
@@ -422,6 +439,7 @@ class SetokimModel(SetokimPreTrainedModel):
             labels=labels,
             image_features=image_features,
             generation_targets=generation_targets,
+            image_rows=image_rows,
         )
 
 
@@ -465,6 +483,14 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         self.detokenizer = (
             SetokDetokenizer(config.detokenizer_config) if config.detokenizer_config is not None else None
         )
+        self.mask_decoder = None
+        if config.mask_decoder_config is not None:
+            by_tokens = config.mask_decoder_config.query_source == "tokens"
+            self.mask_decoder = SetokimMaskDecoder(
+                config.mask_decoder_config,
+                query_size=config.setok_config.token_size if by_tokens else config.text_config.hidden_size,
+                feature_size=config.setok_config.vision_config.hidden_size,
+            )
         # so a saved folder serves `AutoModel` (the base model) through `trust_remote_code` as well
         module = SetokimModel.__module__.rsplit(".", 1)[-1]
         config.auto_map = {**(getattr(config, "auto_map", None) or {}), "AutoModel": f"{module}.SetokimModel"}
@@ -567,11 +593,17 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         min_tokens: int | None = None,
         max_tokens: int | None = None,
         cluster_k: int | None = None,
+        target_masks: torch.Tensor | None = None,
+        target_mask_rows: torch.BoolTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> SetokimCausalLMOutputWithPast:
-        """Logits over the expanded sequence, and the next-token loss on text targets when `labels` are given.
+        """Logits over the expanded sequence, and the training loss when `labels` are given.
 
-        `labels` align with the caller's `input_ids`; image positions never count in the loss.
+        `labels` align with the caller's `input_ids`. The loss is the next-token loss on text; with a vision head,
+        images whose placeholder is labelled (in the answer) are images to write, which adds their stopping and
+        token regression; with `target_masks` (`(rows, height, width)`, one per row of `target_mask_rows`, all rows
+        by default), each such row's written image is the referred region, and the mask decoder's BCE + Dice
+        against the mask is added too.
         """
         outputs = self.model(
             input_ids=input_ids,
@@ -602,6 +634,14 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
             if outputs.generation_targets is not None and bool(outputs.generation_targets.any()):
                 regression_loss = self.image_regression_loss(outputs)
                 loss = loss + regression_loss
+        mask_logits = segmentation_loss = None
+        if target_masks is not None:
+            mask_logits = self.region_mask_logits(outputs, target_mask_rows)
+            decoder_config = self.config.mask_decoder_config
+            segmentation_loss = mask_loss(
+                mask_logits, target_masks.to(mask_logits.device), decoder_config.bce_weight, decoder_config.dice_weight
+            )[0]
+            loss = loss + segmentation_loss
         return SetokimCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -612,6 +652,8 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
             labels=outputs.labels,
             image_features=outputs.image_features,
             image_regression_loss=regression_loss,
+            mask_logits=mask_logits,
+            mask_loss=segmentation_loss,
         )
 
     def add_image_generation(self, detokenizer: SetokDetokenizer | None = None) -> None:
@@ -629,19 +671,96 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
             self.config.detokenizer_config = detokenizer.config
             self.detokenizer = detokenizer
 
-    def image_regression_loss(self, outputs: SetokimModelOutputWithPast) -> torch.Tensor:
-        """Teacher-forced regression of the images to write: the hidden state before each of their positions,
-        through the vision head, against that position's token from the tokenizer (a fixed target)."""
+    def target_predictions(self, outputs: SetokimModelOutputWithPast) -> tuple[torch.Tensor, torch.LongTensor]:
+        """Teacher forcing of the images to write: the hidden state before each of their positions (row-major),
+        and the row of each."""
         positions = outputs.labels == self.config.image_token_id
         if bool(positions[:, 0].any()):
             raise ValueError("an image to write cannot start a sequence: it follows [Img]")
-        predicted = self.vision_head(outputs.last_hidden_state[:, :-1][positions[:, 1:]])
+        return outputs.last_hidden_state[:, :-1][positions[:, 1:]], positions.nonzero()[:, 0]
+
+    def written_targets(self, outputs: SetokimModelOutputWithPast) -> torch.Tensor:
+        """The tokenizer's tokens of the images to write, in the row-major order of their positions (fixed targets)."""
         features, targets = outputs.image_features, outputs.generation_targets
-        target_tokens = features.tokenizer_output.tokens[targets][features.token_mask[targets]].detach()
+        return features.tokenizer_output.tokens[targets][features.token_mask[targets]].detach()
+
+    def image_regression_loss(self, outputs: SetokimModelOutputWithPast) -> torch.Tensor:
+        """The vision head's tokens before each position of an image to write, against that position's token."""
+        predicted = self.vision_head(self.target_predictions(outputs)[0])
         config = self.config
         return image_regression_loss(
-            predicted, target_tokens, config.image_regression_mse_weight, config.image_regression_cosine_weight
+            predicted,
+            self.written_targets(outputs),
+            config.image_regression_mse_weight,
+            config.image_regression_cosine_weight,
         )
+
+    def region_mask_logits(self, outputs: SetokimModelOutputWithPast, rows: torch.BoolTensor | None) -> torch.Tensor:
+        """Teacher-forced masks: each segmented row's region (its one image to write) read by the mask decoder
+        against the last image the row reads. The queries are the region's true tokens (`query_source="tokens"`;
+        the vision head learns to write them through the regression loss) or the LLM's states before them."""
+        if self.mask_decoder is None:
+            raise ValueError("target_masks need a mask decoder: give the config a mask_decoder_config")
+        if outputs.generation_targets is None or not bool(outputs.generation_targets.any()):
+            raise ValueError(
+                "target_masks need labels that mark each segmented row's answer image (the region to write)"
+            )
+        batch_size = len(outputs.labels)
+        rows = torch.ones(batch_size, dtype=torch.bool) if rows is None else rows.bool().cpu()
+        per_row = torch.bincount(outputs.image_rows[outputs.generation_targets].cpu(), minlength=batch_size)
+        if bool((per_row[rows] != 1).any()):
+            raise ValueError(
+                f"each segmented row must hold exactly one image to write (its region), got {per_row[rows].tolist()}"
+            )
+        hidden, token_rows = self.target_predictions(outputs)
+        by_tokens = self.config.mask_decoder_config.query_source == "tokens"
+        queries = self.written_targets(outputs).to(hidden.dtype) if by_tokens else hidden
+        queries, lengths = pack_rows(queries, token_rows, batch_size, 0.0, "right")
+        query_mask = torch.arange(queries.shape[1], device=queries.device)[None, :] < lengths[:, None]
+        images = region_images(outputs.image_rows, outputs.generation_targets, batch_size)
+        selected = rows.nonzero()[:, 0].to(queries.device)
+        tokenizer_output = outputs.image_features.tokenizer_output
+        return self.mask_decoder(
+            queries[selected],
+            query_mask[selected],
+            tokenizer_output.patch_features[images[selected]],
+            tokenizer_output.grid_size,
+        )
+
+    def write_image_tokens(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.FloatTensor | None,
+        attention_mask: torch.Tensor | None,
+        max_image_tokens: int,
+        max_new_tokens: int,
+        **generate_kwargs: Any,
+    ) -> tuple[WrittenVisionTokens, list[list[int]], list[bool]]:
+        """What drawing and segmenting share: up to `max_new_tokens` of text (stopping at `[Img]` or EOS), then
+        `[Img]` and the vision-token loop. Returns the written tokens, each row's prompt up to `[Img]`, and whether
+        each row opened the image itself."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        new_tokens = None
+        if max_new_tokens > 0:
+            eos = self.generation_config.eos_token_id
+            stops = [
+                self.config.image_start_token_id,
+                *(eos if isinstance(eos, list) else [] if eos is None else [eos]),
+            ]
+            text = self.generate(
+                input_ids,
+                pixel_values,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=generate_kwargs.pop("eos_token_id", stops),
+                **generate_kwargs,
+            )
+            new_tokens = text[:, input_ids.shape[1] :]
+        prompts, opened = prompts_opening_an_image(input_ids, attention_mask, new_tokens, self.config)
+        pad_token_id = self.config.text_config.pad_token_id
+        ids, mask = left_pad(prompts, pad_token_id if pad_token_id is not None else 0, input_ids.device)
+        return write_vision_tokens(self, ids, mask, pixel_values, max_image_tokens), prompts, opened
 
     @torch.no_grad()
     def generate_images(
@@ -669,28 +788,15 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         if max_image_tokens is None:
             max_image_tokens = self.config.setok_config.max_tokens or DEFAULT_MAX_TOKENS
         check_generation_setup(self, max_image_tokens, render)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        new_tokens = None
-        if max_new_tokens > 0:
-            text = self.generate(
-                input_ids,
-                pixel_values,
-                attention_mask=attention_mask,
-                max_new_tokens=max_new_tokens,
-                **generate_kwargs,
-            )
-            new_tokens = text[:, input_ids.shape[1] :]
-        prompts = prompts_opening_an_image(input_ids, attention_mask, new_tokens, self.config)
-        pad_token_id = self.config.text_config.pad_token_id
-        ids, mask = left_pad(prompts, pad_token_id if pad_token_id is not None else 0, input_ids.device)
-        tokens, token_mask, counts = write_vision_tokens(self, ids, mask, pixel_values, max_image_tokens)
+        written, prompts, _ = self.write_image_tokens(
+            input_ids, pixel_values, attention_mask, max_image_tokens, max_new_tokens, **generate_kwargs
+        )
         images = None
         if render:
             pipeline = SetokDetokenizerPipeline.from_detokenizer(self.detokenizer)
             images = pipeline(
-                tokens=tokens,
-                token_mask=token_mask,
+                tokens=written.tokens,
+                token_mask=written.token_mask,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
                 generator=generator,
@@ -698,10 +804,56 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
             ).images
         return SetokimImageGenerationOutput(
             images=images,
-            tokens=tokens,
-            token_mask=token_mask,
-            num_tokens=counts,
-            sequences=written_sequences(prompts, counts, self.config, input_ids.device),
+            tokens=written.tokens,
+            token_mask=written.token_mask,
+            num_tokens=written.num_tokens,
+            sequences=written_sequences(prompts, written.num_tokens, self.config, input_ids.device),
+        )
+
+    @torch.no_grad()
+    def segment(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.FloatTensor,
+        attention_mask: torch.Tensor | None = None,
+        max_region_tokens: int | None = None,
+        max_new_tokens: int = 0,
+        **generate_kwargs: Any,
+    ) -> SetokimSegmentationOutput:
+        """Segment what each prompt refers to in its (last) image, batched with left padding.
+
+        The model writes the referred region's vision tokens as it writes an image (`max_new_tokens` of text first,
+        as in [`generate_images`]), and the mask decoder reads them against the image's patch features. A row whose
+        text ends (EOS) before it opens `[Img]` writes no region: its mask is empty and `region_found` says so.
+        Post-process with `SetokimProcessor.post_process_masks` to get masks at each original image's size.
+        """
+        if self.mask_decoder is None:
+            raise ValueError(
+                "this Setokim has no mask decoder, so it cannot segment; give its config a mask_decoder_config (and "
+                "train it on referring data)"
+            )
+        if max_region_tokens is None:
+            max_region_tokens = self.config.setok_config.max_tokens or DEFAULT_MAX_TOKENS
+        check_generation_setup(self, max_region_tokens, render=False)
+        image_rows = (input_ids == self.config.image_token_id).nonzero()[:, 0]
+        images = region_images(image_rows, torch.zeros_like(image_rows, dtype=torch.bool), len(input_ids))
+        written, prompts, opened = self.write_image_tokens(
+            input_ids, pixel_values, attention_mask, max_region_tokens, max_new_tokens, **generate_kwargs
+        )
+        tokenizer_output = written.image_features.tokenizer_output
+        queries = written.tokens if self.config.mask_decoder_config.query_source == "tokens" else written.hidden_states
+        logits = self.mask_decoder(
+            queries, written.token_mask, tokenizer_output.patch_features[images], tokenizer_output.grid_size
+        )
+        region_found = torch.tensor(opened, device=logits.device)
+        logits = logits.masked_fill(~region_found[:, None, None], torch.finfo(logits.dtype).min)
+        return SetokimSegmentationOutput(
+            mask_logits=logits,
+            region_found=region_found,
+            tokens=written.tokens,
+            token_mask=written.token_mask,
+            num_tokens=written.num_tokens,
+            sequences=written_sequences(prompts, written.num_tokens, self.config, input_ids.device),
         )
 
     def prepare_inputs_for_generation(

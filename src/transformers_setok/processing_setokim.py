@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from transformers.image_utils import make_flat_list_of_images
 from transformers.processing_utils import ProcessorMixin
 
@@ -125,6 +126,38 @@ class SetokimProcessor(ProcessorMixin):
         ]
         return super().get_text_with_replacements(text, images_replacements, *args, **kwargs)
 
+    def post_process_masks(
+        self, outputs: Any, target_sizes: Sequence[tuple[int, int]], threshold: float = 0.0
+    ) -> list[torch.BoolTensor]:
+        """`segment`'s mask logits back at each original image's `(height, width)`, as boolean masks.
+
+        The image processor resized every image to the model's square input without cropping, so undoing it is
+        a resize of the logits (bilinear) to each image's own size; a pixel is in the mask where its logit exceeds
+        `threshold`. `outputs` is a `SetokimSegmentationOutput` (or its `mask_logits`).
+        """
+        logits = outputs.mask_logits if hasattr(outputs, "mask_logits") else outputs
+        check_target_sizes(target_sizes, len(logits))
+        return [
+            torch.nn.functional.interpolate(row[None, None].float(), size=tuple(size), mode="bilinear")[0, 0]
+            > threshold
+            for row, size in zip(logits, target_sizes)
+        ]
+
+    def token_masks(self, tokenizer_output: Any, target_sizes: Sequence[tuple[int, int]]) -> list[torch.BoolTensor]:
+        """One mask per token of each image, `(num_tokens, height, width)` at the image's own size.
+
+        From the tokenizer's patch assignment (`SetokModelOutput`, or a Setokim's `image_features.tokenizer_output`):
+        every pixel takes the token of the patch it falls in, so an image's token masks partition it.
+        """
+        assignment, counts = tokenizer_output.assignment, tokenizer_output.num_tokens.tolist()
+        check_target_sizes(target_sizes, len(assignment))
+        grids = assignment.view(len(assignment), 1, *tokenizer_output.grid_size).float()
+        masks = []
+        for grid, count, size in zip(grids, counts, target_sizes):
+            labels = torch.nn.functional.interpolate(grid[None], size=tuple(size), mode="nearest")[0, 0].long()
+            masks.append(labels[None] == torch.arange(count, device=labels.device)[:, None, None])
+        return masks
+
     def _check_special_mm_tokens(self, text: list[str], text_inputs: Any, modalities: list[str]) -> None:
         """Truncation must keep every `[Img]<image>[/Img]` whole: the model cannot place a cut or missing image."""
         message = (
@@ -144,6 +177,14 @@ class SetokimProcessor(ProcessorMixin):
                     and ids[position + 1] == self.image_end_token_id
                 ):
                     raise ValueError(message)
+
+
+def check_target_sizes(target_sizes: Sequence[tuple[int, int]], batch_size: int) -> None:
+    """One `(height, width)` per image, or a `ValueError` naming `target_sizes`."""
+    if len(target_sizes) != batch_size or any(len(size) != 2 for size in target_sizes):
+        raise ValueError(
+            f"target_sizes must hold one (height, width) per image: {batch_size} expected, got {list(target_sizes)}"
+        )
 
 
 def is_wrapped(prompt: str, start: int, end: int) -> bool:

@@ -14,13 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, TaskType
+from PIL import Image
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from transformers.utils import logging
 
-from .image_processing_setok import load_image
+from .image_processing_setok import load_image, to_rgb
 from .modeling_setokim import SetokimForConditionalGeneration
 from .placeholder_expansion import IGNORE_INDEX
 from .processing_setokim import IMAGE_TOKEN, SetokimProcessor
@@ -48,6 +50,12 @@ class SetokimDataCollator:
     found through the chat template's `{% generation %}` markers; a conversation with no answer to learn from gets
     a warning. `pixel_values` is left out when the batch holds no image.
 
+    A referring-segmentation example adds `"mask"`: the referred region of its (last) image, any size (a boolean or
+    0/1 array, tensor or image). The collator then appends the answer, an image of that region alone (the image
+    with everything outside the mask greyed out), whose SeTok tokens are the ones the model learns to write, and
+    adds `target_masks` (`(segmentation rows, height, width)`, resized to `mask_size`) and `target_mask_rows` to the
+    batch, for the mask decoder's loss.
+
     `max_length` bounds the *text* tokens, each image counting as its three placeholder tokens: the model adds
     the image's own tokens on top in `forward`. A conversation that is too long loses whole trailing turns (a
     user message and the replies after it), never part of one, so no image is ever cut; a warning says how many
@@ -59,12 +67,14 @@ class SetokimDataCollator:
         padding_side: `"right"` for training (the default), `"left"` to match a generation layout.
         image_folder: folder that relative image paths are read from (LLaVA's `--image_folder`); by default the
             working directory.
+        mask_size: `(height, width)` target masks are resized to; the image processor's size by default.
     """
 
     processor: SetokimProcessor
     max_length: int | None = None
     padding_side: Literal["left", "right"] = "right"
     image_folder: str | os.PathLike | None = None
+    mask_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.padding_side not in ("left", "right"):
@@ -99,6 +109,14 @@ class SetokimDataCollator:
         pixel_values = [item["pixel_values"] for item in encoded if "pixel_values" in item]
         if pixel_values:
             batch["pixel_values"] = torch.cat(pixel_values)
+        masks = [example.get("mask") for example in examples]
+        if any(mask is not None for mask in masks):
+            size = self.mask_size or (
+                self.processor.image_processor.size.height,
+                self.processor.image_processor.size.width,
+            )
+            batch["target_masks"] = torch.stack([resized_mask(mask, size) for mask in masks if mask is not None])
+            batch["target_mask_rows"] = torch.tensor([mask is not None for mask in masks])
         return batch
 
     def encode(self, example: dict[str, Any], index: int) -> tuple[dict[str, torch.Tensor], int]:
@@ -113,6 +131,8 @@ class SetokimDataCollator:
                 "in order"
             )
         images = [self.read_image(image) for image in images]
+        if example.get("mask") is not None:
+            messages, images = with_region_answer(messages, images, example["mask"], index)
         # A turn ends where the next user message starts; system messages before the first user stay with it.
         user_starts = [position for position, message in enumerate(messages) if message["role"] == "user"]
         turn_ends = [*user_starts[1:], len(messages)]
@@ -165,6 +185,42 @@ def chat_messages(example: dict[str, Any], index: int) -> tuple[list[dict[str, A
     if images is None:
         images = [] if example.get("image") is None else [example["image"]]
     return messages, list(images) if isinstance(images, (list, tuple)) else [images]
+
+
+def mask_tensor(mask: Any) -> torch.Tensor:
+    """A mask (bool or 0/1 array, tensor, or image) as a `(height, width)` float tensor of 0 and 1."""
+    array = np.asarray(mask.convert("L") if isinstance(mask, Image.Image) else mask, dtype=np.float32)
+    if array.ndim != 2:
+        raise ValueError(f"mask: expected a (height, width) mask, got shape {array.shape}")
+    return torch.from_numpy((array > 0.5 * max(float(array.max()), 1e-6)).astype(np.float32))
+
+
+def resized_mask(mask: Any, size: tuple[int, int]) -> torch.Tensor:
+    """A mask at `(height, width)`: resized by area, then thresholded at one half."""
+    resized = torch.nn.functional.interpolate(mask_tensor(mask)[None, None], size=tuple(size), mode="area")[0, 0]
+    return (resized >= 0.5).float()
+
+
+def with_region_answer(
+    messages: list[dict[str, Any]], images: list[Any], mask: Any, index: int
+) -> tuple[list[dict[str, Any]], list[Any]]:
+    """A referring example with its answer appended: the last image's region alone, outside the mask greyed."""
+    if not images:
+        raise ValueError(f"examples[{index}]: `mask` needs an image to segment in")
+    if messages[-1]["role"] == "assistant":
+        raise ValueError(
+            f"examples[{index}]: with `mask`, the answer is the region; end the conversation with the user"
+        )
+    image = np.asarray(to_rgb(images[-1]) if isinstance(images[-1], Image.Image) else images[-1])
+    region = mask_tensor(mask).numpy()
+    if region.shape != image.shape[:2]:
+        raise ValueError(
+            f"examples[{index}]: `mask` is {region.shape} but its image is {image.shape[:2]} (height, width)"
+        )
+    grey = np.full_like(image, 128)
+    region_image = Image.fromarray(np.where(region[..., None] > 0, image, grey).astype(np.uint8))
+    answer = {"role": "assistant", "content": [{"type": "image"}]}
+    return [*messages, answer], [*images, region_image]
 
 
 def count_images(messages: Sequence[dict[str, Any]]) -> int:
