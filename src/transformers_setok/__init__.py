@@ -15,18 +15,18 @@ from transformers import (
 
 from .clustering import ClusteringResult, density_peak_clustering
 from .concept_contrastive import SetokConceptHead, concept_contrastive_loss
+from .configuration_mask_decoder import SetokimMaskDecoderConfig
 from .configuration_setok import SetokConfig
 from .configuration_setok_detokenizer import SetokDetokenizerConfig
 from .configuration_setok_pretraining import SetokForPreTrainingConfig
 from .configuration_setokim import SetokimConfig
-from .configuration_mask_decoder import SetokimMaskDecoderConfig
 from .generation_setokim import SetokimImageGenerationOutput, SetokimVisionHead
 from .image_processing_setok import SetokImageProcessor
 from .metrics import load_metric
+from .modeling_mask_decoder import SetokimMaskDecoder, SetokimSegmentationOutput
 from .modeling_setok import SetokModel, SetokModelOutput, SetokPreTrainedModel
 from .modeling_setok_detokenizer import SetokDetokenizer, SetokDetokenizerOutput, SetokTokenConditioner
 from .modeling_setok_pretraining import SetokForPreTraining, SetokForPreTrainingOutput
-from .modeling_mask_decoder import SetokimMaskDecoder, SetokimSegmentationOutput
 from .modeling_setokim import (
     SetokimCausalLMOutputWithPast,
     SetokimForConditionalGeneration,
