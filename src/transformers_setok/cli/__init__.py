@@ -4,6 +4,8 @@
     setok convert --stage1 mm_projector.bin ...    # official SeTok checkpoints to Transformers folders
     setok compose --vision siglip/ --language-model llm/ --output setokim/   # a Setokim from pretrained parts
     setok reconstruct photo.png --model setok-pretraining/ --out recon/   # images redrawn from their tokens
+    setok generate "A red circle." --model setokim/ --out gen/   # draw; `setok edit photo.png "..."` edits
+    setok segment photo.png "the red circle" --model setokim/ --out seg/   # the referred object's mask
     setok --version
 
 Errors a user can fix (a wrong path, a folder of the wrong kind, a bad setting) end the command with one line
@@ -16,7 +18,7 @@ import argparse
 from collections.abc import Sequence
 
 from .. import __version__
-from . import compose, convert, reconstruct, tokenize
+from . import compose, convert, generate, reconstruct, tokenize
 from .tokenize import demo_tokenizer, sample_image_paths
 
 
@@ -24,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="setok", description="SeTok semantic vision tokenizer tools.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in (tokenize, convert, compose, reconstruct):
+    for command in (tokenize, convert, compose, reconstruct, generate):
         command.register(commands)
     return parser
 
