@@ -54,7 +54,10 @@ def randomize_weights(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in model.parameters():
-            noise = torch.randn(parameter.shape, generator=generator) / max(parameter.shape[-1], 1) ** 0.5
+            noise = (
+                torch.randn(parameter.shape, generator=generator)
+                / max(parameter.shape[-1] if parameter.dim() else 1, 1) ** 0.5
+            )
             parameter.copy_((0.5 * noise + (parameter == 1).float()).to(parameter.dtype))
     return model
 
