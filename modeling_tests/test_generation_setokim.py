@@ -273,3 +273,19 @@ def test_trainer_learns_to_draw_each_prompts_image_with_its_token_count(tiny_pro
         render=False,
     )
     assert drawn.num_tokens.tolist() == target_counts
+
+
+@pytest.mark.parametrize("alone", ["vision_head", "detokenizer", "projector"])
+def test_set_trainable_covers_the_generation_heads_one_at_a_time(alone: str) -> None:
+    from transformers_setok import set_trainable
+    from transformers_setok.training import model_parts
+
+    model = drawing_model()
+    parts = model_parts(model)
+    assert {"vision_head", "detokenizer"} <= set(parts) and "mask_decoder" not in parts  # only the heads it has
+    flags = {part: part == alone for part in parts}
+    counts = set_trainable(model, **flags)
+    for part, modules in parts.items():
+        assert all(p.requires_grad == flags[part] for module in modules for p in module.parameters()), part
+        assert (counts[part] > 0) == flags[part], part
+    assert set_trainable(model)["detokenizer"] == 0  # stage 1 trains it; by default it stays as it is

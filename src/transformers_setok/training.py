@@ -235,7 +235,7 @@ def count_images(messages: Sequence[dict[str, Any]]) -> int:
 
 
 def model_parts(model: SetokimForConditionalGeneration | PeftModel) -> dict[str, list[nn.Module]]:
-    """The modules of each trainable part of a Setokim, peft-wrapped or not."""
+    """The modules of each trainable part of a Setokim, peft-wrapped or not (the heads only where it has them)."""
     setokim = model.get_base_model() if isinstance(model, PeftModel) else model
     if not isinstance(setokim, SetokimForConditionalGeneration):
         raise TypeError(
@@ -247,6 +247,11 @@ def model_parts(model: SetokimForConditionalGeneration | PeftModel) -> dict[str,
         "merger": [setok.input_projection, setok.merger],
         "projector": [setokim.model.multi_modal_projector],
         "language_model": [setokim.model.language_model, setokim.lm_head],
+        **{
+            part: [getattr(setokim, part)]
+            for part in ("vision_head", "mask_decoder", "detokenizer")
+            if getattr(setokim, part) is not None
+        },
     }
 
 
@@ -256,10 +261,14 @@ def set_trainable(
     merger: bool = True,
     projector: bool = True,
     language_model: bool = True,
+    vision_head: bool = True,
+    mask_decoder: bool = True,
+    detokenizer: bool = False,
 ) -> dict[str, int]:
-    """Choose which parts of a Setokim train, and return the trainable parameter count of each part.
+    """Choose which parts of a Setokim train, and return the trainable parameter count of each part it has.
 
-    A new Setokim starts with its vision encoder frozen; the defaults keep it so and train everything else. On a
+    A new Setokim starts with its vision encoder frozen; the defaults keep it so and train everything else but
+    the detokenizer, which stage 1 trains with the tokenizer (the heads count only where the model has them). On a
     `PeftModel`, an enabled part that holds adapter weights (LoRA layers, `modules_to_save` copies) trains only
     those, since keeping its base weights frozen is the point of the adapter; an enabled part without adapters
     trains in full.
@@ -269,6 +278,9 @@ def set_trainable(
         "merger": merger,
         "projector": projector,
         "language_model": language_model,
+        "vision_head": vision_head,
+        "mask_decoder": mask_decoder,
+        "detokenizer": detokenizer,
     }
     # peft keeps adapter weights under their adapter's name: `lora_A.default.weight`, `modules_to_save.default.0.bias`.
     adapter_names = set(model.peft_config) if isinstance(model, PeftModel) else set()
