@@ -289,3 +289,30 @@ def test_set_trainable_covers_the_generation_heads_one_at_a_time(alone: str) -> 
         assert all(p.requires_grad == flags[part] for module in modules for p in module.parameters()), part
         assert (counts[part] > 0) == flags[part], part
     assert set_trainable(model)["detokenizer"] == 0  # stage 1 trains it; by default it stays as it is
+
+
+def test_lora_trains_the_language_model_and_a_saved_copy_of_the_vision_head(tmp_path: Path) -> None:
+    from peft import PeftModel, get_peft_model
+
+    from transformers_setok import language_model_lora_config, set_trainable
+
+    model = get_peft_model(
+        drawing_model(detokenizer=False), language_model_lora_config(modules_to_save=["vision_head"])
+    )
+    counts = set_trainable(model, merger=False, projector=False)  # what the adapter folder saves, and only that
+    assert counts["vision_head"] > 0 and counts["language_model"] > 0
+    example = training_example(images(1))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    before = model(**example).image_regression_loss.item()
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(**example).loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        trained = model(**example).image_regression_loss.item()
+    assert trained < before
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(drawing_model(detokenizer=False), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**example).image_regression_loss.item(), trained, atol=1e-5, rtol=1e-5)
