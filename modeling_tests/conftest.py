@@ -171,3 +171,23 @@ def run_without_plugin(script: str, *args: str, workdir: Path) -> str:
     )
     assert result.returncode == 0, result.stderr
     return result.stdout
+
+
+def train_briefly(model, collator, examples: list, output_dir: Path, max_steps: int, learning_rate: float) -> None:
+    """A short stock-`Trainer` run on `examples` (batches of two, no saving or logging), leaving `model` in eval."""
+    from transformers import Trainer, TrainingArguments
+
+    arguments = TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        learning_rate=learning_rate,
+        per_device_train_batch_size=2,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        seed=0,
+        remove_unused_columns=False,  # the collator reads `messages`, `images` and `mask`
+    )
+    Trainer(model=model, args=arguments, train_dataset=examples * 8, data_collator=collator).train()
+    model.eval()

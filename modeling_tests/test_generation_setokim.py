@@ -13,13 +13,24 @@ from conftest import (
     PAD_ID,
     randomize_weights,
     run_without_plugin,
+    setokim_for,
+    tiny_setok_config,
     tiny_setokim_config,
+    train_briefly,
 )
+from peft import PeftModel, get_peft_model
+from PIL import Image
 from pretraining_fixtures import tiny_detokenizer_config
 from torch import nn
 from transformers import AutoModelForImageTextToText
 
-from transformers_setok import SetokimForConditionalGeneration
+from transformers_setok import (
+    SetokimDataCollator,
+    SetokimForConditionalGeneration,
+    language_model_lora_config,
+    set_trainable,
+)
+from transformers_setok.training import model_parts
 
 IMAGE = [IMAGE_START_ID, IMAGE_TOKEN_ID, IMAGE_END_ID]
 
@@ -207,12 +218,6 @@ def test_bad_input_gets_clear_errors() -> None:
 
 
 def test_trainer_learns_to_draw_each_prompts_image_with_its_token_count(tiny_processor, tmp_path: Path) -> None:
-    from conftest import setokim_for, tiny_setok_config
-    from PIL import Image
-    from transformers import Trainer, TrainingArguments
-
-    from transformers_setok import SetokimDataCollator, set_trainable
-
     model = setokim_for(
         tiny_processor, vision_output_head=True, setok_config=tiny_setok_config(cluster_threshold=0.5, max_tokens=6)
     )
@@ -238,20 +243,7 @@ def test_trainer_learns_to_draw_each_prompts_image_with_its_token_count(tiny_pro
     collator = SetokimDataCollator(tiny_processor)
     with torch.no_grad():
         before = model(**collator(examples)).image_regression_loss.item()
-    arguments = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=80,
-        learning_rate=3e-3,
-        per_device_train_batch_size=2,
-        report_to=[],
-        save_strategy="no",
-        logging_strategy="no",
-        use_cpu=True,
-        seed=0,
-        remove_unused_columns=False,
-    )
-    Trainer(model=model, args=arguments, train_dataset=examples * 8, data_collator=collator).train()
-    model.eval()
+    train_briefly(model, collator, examples, tmp_path, max_steps=80, learning_rate=3e-3)
     with torch.no_grad():
         after = model(**collator(examples)).image_regression_loss.item()
     assert after < 0.5 * before
@@ -277,9 +269,6 @@ def test_trainer_learns_to_draw_each_prompts_image_with_its_token_count(tiny_pro
 
 @pytest.mark.parametrize("alone", ["vision_head", "detokenizer", "projector"])
 def test_set_trainable_covers_the_generation_heads_one_at_a_time(alone: str) -> None:
-    from transformers_setok import set_trainable
-    from transformers_setok.training import model_parts
-
     model = drawing_model()
     parts = model_parts(model)
     assert {"vision_head", "detokenizer"} <= set(parts) and "mask_decoder" not in parts  # only the heads it has
@@ -292,10 +281,6 @@ def test_set_trainable_covers_the_generation_heads_one_at_a_time(alone: str) -> 
 
 
 def test_lora_trains_the_language_model_and_a_saved_copy_of_the_vision_head(tmp_path: Path) -> None:
-    from peft import PeftModel, get_peft_model
-
-    from transformers_setok import language_model_lora_config, set_trainable
-
     model = get_peft_model(
         drawing_model(detokenizer=False), language_model_lora_config(modules_to_save=["vision_head"])
     )

@@ -7,11 +7,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGE_END_ID, IMAGE_START_ID, IMAGE_TOKEN_ID, setokim_for, tiny_setok_config, tiny_setokim_config
+from conftest import (
+    IMAGE_END_ID,
+    IMAGE_START_ID,
+    IMAGE_TOKEN_ID,
+    setokim_for,
+    tiny_setok_config,
+    tiny_setokim_config,
+    train_briefly,
+)
 from huggingface_hub.errors import StrictDataclassError
 from PIL import Image, ImageDraw
 from torch import nn
-from transformers import Trainer, TrainingArguments
 
 from transformers_setok import SetokimDataCollator, SetokimForConditionalGeneration, set_trainable
 from transformers_setok.modeling_mask_decoder import mask_loss
@@ -182,20 +189,7 @@ def test_trainer_learns_to_segment_the_referred_object(tiny_processor, tmp_path:
     with torch.no_grad():
         before = model(**collator(examples)).mask_loss.item()
     set_trainable(model, merger=False)
-    arguments = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=100,
-        learning_rate=1e-2,
-        per_device_train_batch_size=2,
-        report_to=[],
-        save_strategy="no",
-        logging_strategy="no",
-        use_cpu=True,
-        seed=0,
-        remove_unused_columns=False,
-    )
-    Trainer(model=model, args=arguments, train_dataset=examples * 8, data_collator=collator).train()
-    model.eval()
+    train_briefly(model, collator, examples, tmp_path, max_steps=100, learning_rate=1e-2)
     with torch.no_grad():
         after = model(**collator(examples)).mask_loss.item()
     assert after < 0.5 * before
