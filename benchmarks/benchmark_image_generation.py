@@ -146,8 +146,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run")
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement (median)")
+    parser.add_argument(
+        "--counts", type=int, nargs="+", help="vision-token counts (default: 16 64 256; quick: 4 8 16)"
+    )
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
+    if args.counts:
+        sizes = {**sizes, "counts": tuple(args.counts)}
     model = build_model(sizes)
     prompt = torch.randint(3, 32000, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
     prompt[0, 0] = 1
