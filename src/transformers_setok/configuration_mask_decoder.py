@@ -44,7 +44,8 @@ class SetokimMaskDecoderConfig(PreTrainedConfig):
         """Reject settings the decoder cannot be built with, naming the argument."""
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})"
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})"
             )
         if self.upscale < 1 or self.upscale & (self.upscale - 1):
             raise ValueError(f"upscale must be a power of two (1, 2, 4, ...), got {self.upscale}")

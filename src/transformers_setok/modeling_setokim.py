@@ -926,9 +926,7 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         prepared = self.model.prepare_multimodal_inputs(
             input_ids, pixel_values, attention_mask, inputs_embeds=inputs_embeds, padding_side="left", **clustering
         )
-        check_cache_continuation(
-            kwargs.get("cache", kwargs.get("past_key_values")), prepared.attention_mask, self.config
-        )
+        check_cache_continuation(kwargs.get("cache", kwargs.get("past_key_values")), prepared.attention_mask)
         if inputs_embeds is not None:
             return super().generate(
                 inputs_embeds=prepared.inputs_embeds,
@@ -972,7 +970,7 @@ def fill_image_positions(
     return inputs_embeds.masked_scatter(image_mask[..., None], image_embeds[filled].to(inputs_embeds.dtype))
 
 
-def check_cache_continuation(cache: Cache | None, attention_mask: torch.Tensor, config: SetokimConfig) -> None:
+def check_cache_continuation(cache: Cache | None, attention_mask: torch.Tensor) -> None:
     """Continuing from a cache needs the cached positions to be the start of the expanded sequence."""
     if cache is None:
         return
