@@ -1050,10 +1050,12 @@ def resize_embeddings_to_mean(language_model: PreTrainedModel, vocab_size: int) 
     if vocab_size <= old_size:
         return
     language_model.resize_token_embeddings(vocab_size, mean_resizing=False)
-    generator = torch.Generator().manual_seed(0)
+    inputs, outputs = language_model.get_input_embeddings(), language_model.get_output_embeddings()
+    untied = outputs is not None and outputs is not inputs
     with torch.no_grad():
-        for embeddings in {language_model.get_input_embeddings(), language_model.get_output_embeddings()} - {None}:
+        for embeddings in [inputs, outputs] if untied else [inputs]:
             old = embeddings.weight[:old_size]
+            generator = torch.Generator().manual_seed(0)  # per table: the same offsets in every process
             offsets = torch.randn(vocab_size - old_size, old.shape[1], generator=generator).to(old)
             embeddings.weight[old_size:] = old.mean(dim=0) + 1e-3 * old.std(dim=0) * offsets
 
