@@ -191,3 +191,23 @@ def train_briefly(model, collator, examples: list, output_dir: Path, max_steps: 
     )
     Trainer(model=model, args=arguments, train_dataset=examples * 8, data_collator=collator).train()
     model.eval()
+
+
+def tiny_causal_lm(tokenizer, num_hidden_layers: int = 1):
+    """A seeded 32-wide Llama whose vocabulary and special ids are the tokenizer's, like a causal LM from the Hub."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return LlamaForCausalLM(config).eval()

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_weights, tiny_setok_config
+from conftest import randomize_weights, tiny_causal_lm, tiny_setok_config
 from pretraining_fixtures import tiny_detokenizer_config
-from transformers import AutoModelForImageTextToText, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForImageTextToText, AutoTokenizer
 
 from transformers_setok import SetokDetokenizer, SetokModel
 from transformers_setok.conversion import compose_setokim
@@ -19,19 +19,7 @@ def parts(tiny_tokenizer_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
     torch.manual_seed(0)
     SetokModel(tiny_setok_config()).save_pretrained(tmp_path / "setok")
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    llm = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-    )
+    llm = tiny_causal_lm(tokenizer)
     llm.save_pretrained(tmp_path / "llm")
     tokenizer.save_pretrained(tmp_path / "llm")
     return tmp_path / "setok", tmp_path / "llm"

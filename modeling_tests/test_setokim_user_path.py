@@ -7,10 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import IMAGE_END_ID, IMAGE_START_ID, IMAGE_TOKEN_ID, randomize_weights, tiny_setok_config
+from conftest import (
+    IMAGE_END_ID,
+    IMAGE_START_ID,
+    IMAGE_TOKEN_ID,
+    randomize_weights,
+    tiny_causal_lm,
+    tiny_setok_config,
+)
 from conftest import tiny_setokim_config as setokim_config
 from PIL import Image
-from transformers import AutoModel, AutoTokenizer, LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
+from transformers import AutoModel, AutoTokenizer, SiglipVisionConfig, SiglipVisionModel
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
 
@@ -102,20 +109,6 @@ def test_pixel_sizes_that_are_not_whole_patches_are_refused() -> None:
         setok(torch.randn(1, 3, 60, 64))
 
 
-def tiny_llama(tokenizer) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 def tiny_siglip() -> SiglipVisionModel:
     torch.manual_seed(0)
     config = SiglipVisionConfig(
@@ -126,7 +119,7 @@ def tiny_siglip() -> SiglipVisionModel:
 
 def test_from_parts_names_what_each_argument_must_be(tiny_tokenizer_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    llm, vision = tiny_llama(tokenizer), tiny_siglip()
+    llm, vision = tiny_causal_lm(tokenizer), tiny_siglip()
     with pytest.raises(ValueError, match=r"language_model must be a causal language model.*look swapped"):
         SetokimForConditionalGeneration.from_parts(llm, vision, tokenizer=tokenizer)
     with pytest.raises(ValueError, match=r"vision must be a SeTok tokenizer or a vision encoder, got the causal"):
@@ -135,13 +128,15 @@ def test_from_parts_names_what_each_argument_must_be(tiny_tokenizer_dir: Path) -
 
 def test_from_parts_gives_a_fresh_tokenizer_a_token_budget(tiny_tokenizer_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    model, _ = SetokimForConditionalGeneration.from_parts(tiny_siglip(), tiny_llama(tokenizer), tokenizer=tokenizer)
+    model, _ = SetokimForConditionalGeneration.from_parts(
+        tiny_siglip(), tiny_causal_lm(tokenizer), tokenizer=tokenizer
+    )
     assert model.config.setok_config.max_tokens == DEFAULT_MAX_TOKENS == 64
     with torch.no_grad():
         counts = model.get_image_features(images(1), cluster_threshold=0.0).num_tokens
     assert counts.tolist() == [64]  # every one of the 64 patches passes a zero threshold; the budget holds there
     chosen, _ = SetokimForConditionalGeneration.from_parts(
-        tiny_siglip(), tiny_llama(tokenizer), tokenizer=tokenizer, max_tokens=8
+        tiny_siglip(), tiny_causal_lm(tokenizer), tokenizer=tokenizer, max_tokens=8
     )
     assert chosen.config.setok_config.max_tokens == 8
 
