@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import NoReturn
 
 import numpy as np
 import torch
@@ -24,14 +23,10 @@ from ..configuration_setokim import SetokimConfig
 from ..image_processing_setok import load_image
 from ..modeling_setokim import SetokimForConditionalGeneration
 from ..processing_setokim import SetokimProcessor
+from .errors import fail
 from .tokenize import positive_int
 
 MASK_COLOUR = (255, 40, 40)
-
-
-def fail(command: str, message: str) -> NoReturn:
-    """End the command with one line (no traceback) saying what went wrong and what to do."""
-    raise SystemExit(f"setok {command}: error: {' '.join(message.split())}")
 
 
 def load_setokim(command: str, model_path: str) -> tuple[SetokimForConditionalGeneration, SetokimProcessor]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 import torch
 from PIL import Image, ImageDraw
@@ -22,15 +21,14 @@ from ..configuration_setok_pretraining import SetokForPreTrainingConfig
 from ..image_processing_setok import SetokImageProcessor, load_image
 from ..modeling_setok_pretraining import SetokForPreTraining
 from ..pipeline_setok_detokenizer import SetokDetokenizerPipeline
+from .errors import failure_for
 from .tokenize import positive_int
 
 CAPTION_HEIGHT = 14
 MIN_PANEL_SIDE = 128
 
 
-def fail(message: str) -> NoReturn:
-    """End the command with one line (no traceback) saying what went wrong and what to do."""
-    raise SystemExit(f"setok reconstruct: error: {' '.join(message.split())}")
+fail = failure_for("reconstruct")
 
 
 def load_pretraining(model_path: str) -> tuple[SetokForPreTraining, SetokImageProcessor]:

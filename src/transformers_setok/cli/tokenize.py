@@ -21,7 +21,6 @@ import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NoReturn
 
 import torch
 from PIL import Image
@@ -35,6 +34,7 @@ from ..image_processing_setok import SetokImageProcessor, load_image
 from ..modeling_setok import SetokModel, SetokModelOutput
 from ..modeling_setokim import SetokimForConditionalGeneration
 from ..visualization import draw_token_regions
+from .errors import failure_for
 
 SAMPLE_IMAGE_DIR = Path(__file__).resolve().parent.parent / "sample_images"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -47,9 +47,7 @@ SETOKIM_SETOK_KEYS = r"^(model\.)?setok\."
 WHAT_TO_PASS = "pass a SeTok folder (SetokModel.save_pretrained, `setok convert`) or a Setokim folder"
 
 
-def fail(message: str) -> NoReturn:
-    """End the command with one line (no traceback) saying what went wrong and what to do."""
-    raise SystemExit(f"setok tokenize: error: {' '.join(message.split())}")
+fail = failure_for("tokenize")
 
 
 def sample_image_paths() -> list[Path]:
