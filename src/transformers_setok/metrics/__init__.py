@@ -1,5 +1,5 @@
-"""The project's `evaluate` modules, kept in the package and loaded by local path (`evaluate.load("accuracy")`
-would fetch from the Hub, which is often unreachable)."""
+"""The project's `evaluate` modules, kept in the package and loaded by local path (loading a metric by its Hub
+name would fetch it from the Hub, which is often unreachable)."""
 
 from __future__ import annotations
 
