@@ -101,16 +101,21 @@ def check_generation_setup(model: SetokimForConditionalGeneration, max_image_tok
         raise ValueError(f"max_image_tokens must be a positive int, got {max_image_tokens!r}")
 
 
+def text_stops(image_start_token_id: int, eos_token_id: int | list[int] | None) -> list[int]:
+    """The ids that end the text before an image: `[Img]` first (the image starts), then EOS."""
+    eos = eos_token_id if isinstance(eos_token_id, list) else [] if eos_token_id is None else [eos_token_id]
+    return [image_start_token_id, *eos]
+
+
 def prompts_opening_an_image(
     input_ids: torch.LongTensor,
     attention_mask: torch.Tensor,
     new_tokens: torch.LongTensor | None,
-    config: SetokimConfig,
+    stops: list[int],
 ) -> tuple[list[list[int]], list[bool]]:
-    """Each row's prompt, the text written before its image (up to the first `[Img]`, or EOS), then `[Img]`;
+    """Each row's prompt, the text written before its image (up to the first of `stops`), then `[Img]` (`stops[0]`);
     and per row whether the model opened the image itself (`False` where its text ended with EOS first)."""
-    start, eos = config.image_start_token_id, config.text_config.eos_token_id
-    stops = {start, *(eos if isinstance(eos, list) else [eos] if eos is not None else [])}
+    start = stops[0]
     rows, opened = [], []
     for row, (ids, mask) in enumerate(zip(input_ids.tolist(), attention_mask.tolist())):
         prompt = [token for token, keep in zip(ids, mask) if keep]

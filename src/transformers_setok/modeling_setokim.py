@@ -36,6 +36,7 @@ from .generation_setokim import (
     image_regression_loss,
     left_pad,
     prompts_opening_an_image,
+    text_stops,
     write_vision_tokens,
     written_sequences,
 )
@@ -405,9 +406,7 @@ class SetokimModel(SetokimPreTrainedModel):
             labels, image_embeds, image_features = prepared.labels, prepared.image_embeds, prepared.image_features
             generation_targets, image_rows = prepared.generation_targets, prepared.image_rows
         else:
-            given = sorted(name for name, value in clustering.items() if value is not None)
-            if given:
-                raise ValueError(f"{given} set how images are tokenized, but no pixel_values were given")
+            check_clustering_has_images(clustering)
             if inputs_embeds is not None:
                 if image_embeds is not None:
                     raise ValueError(
@@ -742,12 +741,8 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         new_tokens = None
+        stops = text_stops(self.config.image_start_token_id, self.generation_config.eos_token_id)
         if max_new_tokens > 0:
-            eos = self.generation_config.eos_token_id
-            stops = [
-                self.config.image_start_token_id,
-                *(eos if isinstance(eos, list) else [] if eos is None else [eos]),
-            ]
             text = self.generate(
                 input_ids,
                 pixel_values,
@@ -757,7 +752,7 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
                 **generate_kwargs,
             )
             new_tokens = text[:, input_ids.shape[1] :]
-        prompts, opened = prompts_opening_an_image(input_ids, attention_mask, new_tokens, self.config)
+        prompts, opened = prompts_opening_an_image(input_ids, attention_mask, new_tokens, stops)
         pad_token_id = self.config.text_config.pad_token_id
         ids, mask = left_pad(prompts, pad_token_id if pad_token_id is not None else 0, input_ids.device)
         return write_vision_tokens(self, ids, mask, pixel_values, max_image_tokens), prompts, opened
@@ -910,9 +905,7 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
             cluster_threshold=cluster_threshold, min_tokens=min_tokens, max_tokens=max_tokens, cluster_k=cluster_k
         )
         if pixel_values is None:
-            given = sorted(name for name, value in clustering.items() if value is not None)
-            if given:
-                raise ValueError(f"{given} set how images are tokenized, but no pixel_values were given")
+            check_clustering_has_images(clustering)
             return super().generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -951,6 +944,13 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
             return sequences
         output.sequences = sequences
         return output
+
+
+def check_clustering_has_images(clustering: dict[str, Any]) -> None:
+    """Clustering settings given without `pixel_values` would be silently ignored: refuse them instead."""
+    given = sorted(name for name, value in clustering.items() if value is not None)
+    if given:
+        raise ValueError(f"{given} set how images are tokenized, but no pixel_values were given")
 
 
 def fill_image_positions(
