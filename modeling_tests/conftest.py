@@ -211,3 +211,16 @@ def tiny_causal_lm(tokenizer, num_hidden_layers: int = 1):
         eos_token_id=tokenizer.eos_token_id,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def random_pixel_values(count: int, size: int = 64, seed: int = 0) -> torch.Tensor:
+    """`(count, 3, size, size)` seeded normal pixel values, images for the tiny 64x64 encoder."""
+    return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as a left-padded batch (`PAD_ID`), with its attention mask, as generation expects."""
+    width = max(map(len, rows))
+    ids = torch.tensor([[PAD_ID] * (width - len(row)) + row for row in rows])
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+    return ids, mask

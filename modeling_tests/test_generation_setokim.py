@@ -11,6 +11,7 @@ from conftest import (
     IMAGE_START_ID,
     IMAGE_TOKEN_ID,
     PAD_ID,
+    left_pad,
     randomize_weights,
     run_without_plugin,
     setokim_for,
@@ -18,6 +19,7 @@ from conftest import (
     tiny_setokim_config,
     train_briefly,
 )
+from conftest import random_pixel_values as images
 from peft import PeftModel, get_peft_model
 from PIL import Image
 from pretraining_fixtures import tiny_detokenizer_config
@@ -41,17 +43,6 @@ def drawing_model(detokenizer: bool = True, **overrides) -> SetokimForConditiona
     )
     torch.manual_seed(0)
     return randomize_weights(SetokimForConditionalGeneration(config).eval(), seed=3)
-
-
-def images(count: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(count, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
-
-
-def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, rows))
-    ids = torch.tensor([[PAD_ID] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
 
 
 class StopAfter(nn.Module):

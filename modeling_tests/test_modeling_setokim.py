@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import IMAGE_END_ID, IMAGE_START_ID, IMAGE_TOKEN_ID, PAD_ID, randomize_weights, tiny_setokim_config
+from conftest import random_pixel_values as images
 from torch.nn import functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -35,10 +36,6 @@ def any_setokim(request: pytest.FixtureRequest) -> SetokimForConditionalGenerati
     """A tiny Setokim on each language-model family."""
     torch.manual_seed(0)
     return SetokimForConditionalGeneration(tiny_setokim_config(text_config=TEXT_CONFIGS[request.param])).eval()
-
-
-def images(count: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(count, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
 
 
 def padded(rows: list[list[int]], side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:

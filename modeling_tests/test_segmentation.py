@@ -16,6 +16,7 @@ from conftest import (
     tiny_setokim_config,
     train_briefly,
 )
+from conftest import random_pixel_values as images
 from huggingface_hub.errors import StrictDataclassError
 from PIL import Image, ImageDraw
 from torch import nn
@@ -31,10 +32,6 @@ def segmenting_model(**overrides) -> SetokimForConditionalGeneration:
     config = tiny_setokim_config(vision_output_head=True, mask_decoder_config=DECODER, **overrides)
     torch.manual_seed(0)
     return SetokimForConditionalGeneration(config).eval()
-
-
-def images(count: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(count, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
 
 
 def iou(a: torch.Tensor, b: torch.Tensor) -> float:

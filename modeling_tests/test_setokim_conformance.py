@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import IMAGE_END_ID, IMAGE_START_ID, IMAGE_TOKEN_ID, PAD_ID, tiny_setok_config, tiny_setokim_config
+from conftest import (
+    IMAGE_END_ID,
+    IMAGE_START_ID,
+    IMAGE_TOKEN_ID,
+    left_pad,
+    tiny_setok_config,
+    tiny_setokim_config,
+)
+from conftest import random_pixel_values as images
 from transformers.generation import BaseStreamer
 
 from transformers_setok import SetokimForConditionalGeneration, SetokModel
 
 IMAGE = [IMAGE_START_ID, IMAGE_TOKEN_ID, IMAGE_END_ID]
-
-
-def images(count: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(count, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
 
 
 def setokim(**overrides) -> SetokimForConditionalGeneration:
@@ -28,11 +32,7 @@ def model() -> SetokimForConditionalGeneration:
 
 
 def left_padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    rows = [[1, 5, *IMAGE, 6, 7], [1, *IMAGE, 8, 9, *IMAGE, 10, 11, 12]]
-    width = max(map(len, rows))
-    ids = torch.tensor([[PAD_ID] * (width - len(row)) + row for row in rows])
-    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
-    return ids, mask
+    return left_pad([[1, 5, *IMAGE, 6, 7], [1, *IMAGE, 8, 9, *IMAGE, 10, 11, 12]])
 
 
 def greedy(model: SetokimForConditionalGeneration, **inputs) -> torch.Tensor:

@@ -15,6 +15,7 @@ from conftest import (
     tiny_causal_lm,
     tiny_setok_config,
 )
+from conftest import random_pixel_values as images
 from conftest import tiny_setokim_config as setokim_config
 from PIL import Image
 from transformers import AutoModel, AutoTokenizer, SiglipVisionConfig, SiglipVisionModel
@@ -25,10 +26,6 @@ from transformers_setok import SetokimForConditionalGeneration, SetokimModel, Se
 from transformers_setok.modeling_setokim import DEFAULT_MAX_TOKENS
 
 IMAGE = [IMAGE_START_ID, IMAGE_TOKEN_ID, IMAGE_END_ID]
-
-
-def images(count: int, size: int = 64, seed: int = 0) -> torch.Tensor:
-    return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 def tiny_setokim(**overrides) -> SetokimForConditionalGeneration:
