@@ -13,7 +13,17 @@ import numpy as np
 import pytest
 
 from transformers_setok import render_scene, scene_from_description, shapes_world
-from transformers_setok.shapes_world import GAP, MAX_OBJECTS, PALETTE, SHAPES, SIZES, parse_prompt
+from transformers_setok.scene_reader import shows_prompt
+from transformers_setok.shapes_world import (
+    GAP,
+    MAX_OBJECTS,
+    PALETTE,
+    SHAPES,
+    SIZES,
+    fits,
+    parse_prompt,
+    scene_for_prompt,
+)
 
 NUM_SCENES = 60
 
@@ -209,3 +219,14 @@ def test_bad_descriptions_are_named() -> None:
         scene_from_description({**good, "objects": [{**good["objects"][0], "colour": "pink"}]})
     with pytest.raises(ValueError, match="background"):
         scene_from_description({"objects": []})
+
+
+def test_a_text_to_image_prompt_has_one_picture_showing_what_it_names(world) -> None:
+    for record in world["text_to_image"]:
+        scene = scene_for_prompt(record["prompt"])
+        assert Counter((o.colour, o.shape) for o in scene.objects) == parse_prompt(record["prompt"])
+        assert all(fits(item, scene.objects[:index]) for index, item in enumerate(scene.objects))
+        assert (np.asarray(record["image"]) == np.asarray(render_scene(scene).image)).all()
+        assert shows_prompt(record["image"], record["prompt"])
+    with pytest.raises(ValueError, match="prompt"):
+        scene_for_prompt("a pink cloud")

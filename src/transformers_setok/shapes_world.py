@@ -30,7 +30,10 @@ are `datasets.Image()` features (RGB), masks are images too (`mode "1"`, so `np.
   circle", "add a green triangle", "move the red circle left"), `operation`, `source_image`, `edited_image`,
   `source_scene` and `edited_scene`. The edited image is rendered from the edited description.
 - `text_to_image` (one record per scene): `scene_id`, `prompt` ("two red circles and a blue square": every
-  object, grouped by kind) and `image`.
+  object, grouped by kind) and `image`, the prompt's one picture (`scene_for_prompt`): its objects in the
+  prompt's order on fixed slots, at one size, on one background. A free layout would make a prompt stand for
+  countless images, and a model that regresses image tokens (Setokim's vision head) learns their mean, which
+  shows no scene at all; a prompt with one picture keeps text-to-image a function a tiny model can learn.
 
 Spatial relations are strict: A is left of B when A's box ends before B's begins, so a relation is either
 clearly true, clearly false, or not asked about. `parse_prompt` and `Edit.parse` read prompts and instructions
@@ -71,6 +74,15 @@ NUMBER_WORDS = ("no", "one", "two", "three", "four", "five")
 OPPOSITES = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 RELATIONS = tuple(OPPOSITES)
 DIRECTIONS: dict[str, tuple[float, float]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+PROMPT_SCALE = 0.24  # every object of a prompt's picture is this wide
+PROMPT_BACKGROUND = (236, 236, 236)
+PROMPT_SLOTS: dict[int, tuple[tuple[float, float], ...]] = {  # object centres of a prompt's picture, by count
+    1: ((0.5, 0.5),),
+    2: ((0.28, 0.5), (0.72, 0.5)),
+    3: ((0.2, 0.5), (0.5, 0.5), (0.8, 0.5)),
+    4: ((0.28, 0.28), (0.72, 0.28), (0.28, 0.72), (0.72, 0.72)),
+    5: ((0.2, 0.28), (0.5, 0.28), (0.8, 0.28), (0.28, 0.72), (0.72, 0.72)),
+}
 
 
 @dataclass(frozen=True)
@@ -266,6 +278,18 @@ def parse_prompt(prompt: str) -> Counter:
     for quantity, colour, shape in PROMPT_PHRASE.findall(prompt.lower()):
         counts[(colour, shape)] += 1 if quantity in ("a", "an") else NUMBER_WORDS.index(quantity)
     return counts
+
+
+def scene_for_prompt(prompt: str) -> Scene:
+    """The one picture of a text-to-image prompt: the objects it names, in its order, on `PROMPT_SLOTS`."""
+    names = [name for name, count in parse_prompt(prompt).items() for _ in range(count)]
+    if not 1 <= len(names) <= MAX_OBJECTS:
+        raise ValueError(f"`prompt` must name 1 to {MAX_OBJECTS} shapes-world objects, got {prompt!r}")
+    objects = tuple(
+        SceneObject(shape, colour, PROMPT_SCALE, centre)
+        for (colour, shape), centre in zip(names, PROMPT_SLOTS[len(names)])
+    )
+    return Scene(PROMPT_BACKGROUND, objects)
 
 
 def caption_for(scene: Scene) -> str:
@@ -540,7 +564,14 @@ def scene_records(seed: int, index: int, image_size: int) -> dict[str, list[dict
                 "edited_scene": edited.describe(edited_render.bboxes()),
             }
         )
-    records["text_to_image"].append({"scene_id": scene_id, "prompt": prompt_for(scene), "image": image})
+    prompt = prompt_for(scene)
+    records["text_to_image"].append(
+        {
+            "scene_id": scene_id,
+            "prompt": prompt,
+            "image": png(render_scene(scene_for_prompt(prompt), image_size).image),
+        }
+    )
     return records
 
 
