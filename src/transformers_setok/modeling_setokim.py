@@ -1,7 +1,5 @@
 """Setokim: SeTok tokens between `[Img]` and `[/Img]` inside any causal language model."""
 
-from __future__ import annotations
-
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -508,7 +506,7 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         projector_type: str = "mlp2x_gelu",
         dtype: torch.dtype | None = None,
         **setok_kwargs: Any,
-    ) -> tuple[SetokimForConditionalGeneration, SetokimProcessor]:
+    ) -> tuple["SetokimForConditionalGeneration", SetokimProcessor]:
         """A Setokim assembled from pretrained parts, ready for training, and the processor that goes with it.
 
         Args:
