@@ -82,10 +82,6 @@ KNOWN_FAILURES: dict[str, str] = {
         "attentions come from the merger (inner + inter layers: 4) while hidden_states come from the vision "
         "encoder (2 layers + 1); the mixin expects the encoder's attentions beside its hidden states"
     ),
-    "test_can_init_all_missing_weights": (
-        "from_pretrained re-initialises missing SigLIP weights unlike the constructor: a plugin model is "
-        "`is_custom_code()`, so Transformers skips the module-level inits of the native vision encoder inside it"
-    ),
 }
 
 

@@ -189,6 +189,19 @@ class SetokimPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = False
     _no_split_modules = ["SetokAttentionLayer"]
 
+    def initialize_weights(self) -> None:
+        """Initialise the native Transformers models inside (vision encoder, language model) as native code.
+
+        Transformers initialises a plugin model as custom code, skipping every module without parameters of its
+        own, and hands that mode down to the native models inside it, whose module-level inits (SigLIP's attention
+        and MLP set their layers) would then be skipped: `from_pretrained` would fill missing weights unlike the
+        constructor. Initialised first, on their own terms, they are then left alone.
+        """
+        for module in self.modules():
+            if isinstance(module, PreTrainedModel) and not module.is_custom_code():
+                module.initialize_weights()
+        super().initialize_weights()
+
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """Save as Transformers does, then add a model card unless the folder has one."""
         super().save_pretrained(save_directory, *args, **kwargs)
