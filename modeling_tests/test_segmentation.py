@@ -203,3 +203,24 @@ def test_trainer_learns_to_segment_the_referred_object(tiny_processor, tmp_path:
         target = torch.from_numpy(masks[colour])
         background_iou = iou(torch.zeros_like(target), target)  # an all-background answer
         assert iou(mask, target) > max(background_iou, 0.5)
+
+
+def test_a_batch_mixing_referring_and_drawing_rows_segments_only_the_referring_ones(tiny_processor) -> None:
+    """Instruction data mixes tasks: a drawing row (no image to read) beside a referring row gets no mask loss."""
+    scene, masks = referring_scene()
+    drawing = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Draw a red square."}]},
+            {"role": "assistant", "content": [{"type": "image"}]},
+        ],
+        "images": [scene],
+    }
+    model = setokim_for(tiny_processor, vision_output_head=True, mask_decoder_config=DECODER)
+    collator = SetokimDataCollator(tiny_processor, mask_size=(32, 32))
+    mixed = collator([referring_example(scene, "red", masks["red"]), drawing])
+    assert mixed["target_mask_rows"].tolist() == [True, False]
+    with torch.no_grad():
+        both = model(**mixed)
+        alone = model(**collator([referring_example(scene, "red", masks["red"])]))
+    torch.testing.assert_close(both.mask_logits, alone.mask_logits)
+    torch.testing.assert_close(both.mask_loss, alone.mask_loss)

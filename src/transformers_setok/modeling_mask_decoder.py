@@ -144,14 +144,22 @@ class SetokimSegmentationOutput(ModelOutput):
     sequences: torch.LongTensor | None = None
 
 
-def region_images(image_rows: torch.LongTensor, is_target: torch.BoolTensor, batch_size: int) -> torch.LongTensor:
-    """Per row, the index of the last image it reads (not one it is to write): the image its region lies in."""
+def region_images(
+    image_rows: torch.LongTensor, is_target: torch.BoolTensor, batch_size: int, rows: torch.BoolTensor | None = None
+) -> torch.LongTensor:
+    """Per row, the index of the last image it reads (not one it is to write): the image its region lies in.
+
+    Only the `rows` that segment (all by default) must read an image; the others (a drawing row beside referring
+    rows in a training batch) get -1.
+    """
     readable = (~is_target).nonzero()[:, 0]
     index = torch.full((batch_size,), -1, dtype=torch.long, device=image_rows.device)
     index.scatter_reduce_(0, image_rows[readable], readable, reduce="amax")
-    if bool((index < 0).any()):
-        rows = (index < 0).nonzero()[:, 0].tolist()
-        raise ValueError(f"rows {rows} hold no image to segment in; put the image in the prompt")
+    missing = index < 0 if rows is None else (index < 0) & rows.to(index.device)
+    if bool(missing.any()):
+        raise ValueError(
+            f"rows {missing.nonzero()[:, 0].tolist()} hold no image to segment in; put the image in the prompt"
+        )
     return index
 
 

@@ -727,7 +727,7 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         queries = self.written_targets(outputs).to(hidden.dtype) if by_tokens else hidden
         queries, lengths = pack_rows(queries, token_rows, batch_size, 0.0, "right")
         query_mask = torch.arange(queries.shape[1], device=queries.device)[None, :] < lengths[:, None]
-        images = region_images(outputs.image_rows, outputs.generation_targets, batch_size)
+        images = region_images(outputs.image_rows, outputs.generation_targets, batch_size, rows)
         selected = rows.nonzero()[:, 0].to(queries.device)
         tokenizer_output = outputs.image_features.tokenizer_output
         return self.mask_decoder(
