@@ -39,6 +39,7 @@ from .pipeline_setok_detokenizer import SetokDetokenizerPipeline, SetokDetokeniz
 from .processing_setokim import IMAGE_END_TOKEN, IMAGE_START_TOKEN, IMAGE_TOKEN, SetokimProcessor
 from .scene_reader import ReadObject, edit_applied, read_scene, shows_prompt
 from .shapes_world import Scene, SceneObject, render_scene, scene_from_description, shapes_world
+from .token_reduction import TokenReductionOutput, prompt_aware_token_reduction
 from .tokenizer_training import train_sentencepiece_tokenizer
 from .training import SetokimDataCollator, language_model_lora_config, set_trainable
 from .visualization import draw_token_regions, token_label_map
@@ -110,6 +111,8 @@ __all__ = [
     "language_model_lora_config",
     "set_trainable",
     "token_label_map",
+    "TokenReductionOutput",
+    "prompt_aware_token_reduction",
     "load_metric",
     "ReadObject",
     "edit_applied",
