@@ -164,8 +164,48 @@ def test_from_stable_diffusion_reinitialises_only_cross_attention_of_another_wid
 
 @pytest.mark.parametrize(
     ("change", "argument"),
-    [(dict(num_null_tokens=0), "num_null_tokens"), (dict(condition_drop_prob=1.5), "condition_drop_prob")],
+    [
+        (dict(num_null_tokens=0), "num_null_tokens"),
+        (dict(condition_drop_prob=1.5), "condition_drop_prob"),
+        (dict(coordinate_channels=True), "in_channels"),  # a 3-channel U-Net input has no room for x and y
+    ],
 )
 def test_config_rejects_impossible_settings(change, argument) -> None:
     with pytest.raises(StrictDataclassError, match=argument):
         tiny_detokenizer_config(**change)
+
+
+def coordinate_detokenizer() -> SetokDetokenizer:
+    torch.manual_seed(0)
+    config = tiny_detokenizer_config(coordinate_channels=True, unet_config=tiny_unet_config(in_channels=5))
+    return randomize_weights(SetokDetokenizer(config), seed=4).eval()
+
+
+def unet_inputs(detokenizer: SetokDetokenizer, run) -> list[torch.Tensor]:
+    """What the U-Net is called on while `run()` runs."""
+    seen = []
+    hook = detokenizer.unet.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    try:
+        run()
+    finally:
+        hook.remove()
+    return seen
+
+
+def test_coordinate_channels_give_the_unet_each_pixels_x_and_y_in_training_and_sampling() -> None:
+    detokenizer = coordinate_detokenizer()
+    inputs = training_inputs()
+    x = torch.tensor([-1 + 2 * column / 7 for column in range(8)])  # 8 pixels from -1 to 1
+    pipeline = SetokDetokenizerPipeline.from_detokenizer(detokenizer)
+    pipeline.set_progress_bar_config(disable=True)
+    seen = unet_inputs(detokenizer, lambda: detokenizer(**inputs))
+    seen += unet_inputs(
+        detokenizer, lambda: pipeline(tokens=inputs["tokens"], token_mask=inputs["token_mask"], num_inference_steps=2)
+    )
+    assert len(seen) == 3
+    for unet_input in seen:
+        assert unet_input.shape[1] == 5
+        torch.testing.assert_close(unet_input[:, 3], x[None, None, :].expand(len(unet_input), 8, 8))
+        torch.testing.assert_close(unet_input[:, 4], x[None, :, None].expand(len(unet_input), 8, 8))
+    image = pipeline(tokens=inputs["tokens"], token_mask=inputs["token_mask"], num_inference_steps=2, output_type="pt")
+    assert image.images.shape == (2, 3, 8, 8)  # the coordinates go in, never come out

@@ -50,6 +50,10 @@ class SetokDetokenizerConfig(PreTrainedConfig):
             Probability, per training image, of replacing its tokens with the null tokens.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the null tokens at initialisation.
+        coordinate_channels (`bool`, *optional*, defaults to `False`):
+            Give the U-Net two more input channels, each pixel's `x` and `y` (CoordConv), so it can put a token's
+            region where the token says it lies; `unet_config["in_channels"]` must then be the sample's channels
+            plus 2.
     """
 
     model_type = "setok_detokenizer"
@@ -61,6 +65,7 @@ class SetokDetokenizerConfig(PreTrainedConfig):
     num_null_tokens: int = 1
     condition_drop_prob: float = 0.1
     initializer_range: float = 0.02
+    coordinate_channels: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -80,13 +85,20 @@ class SetokDetokenizerConfig(PreTrainedConfig):
                 "unet_config['cross_attention_dim'] must be one int (the width the tokens are projected to), "
                 f"got {self.unet_config.get('cross_attention_dim')!r}"
             )
+        channels = self.unet_config["out_channels"]
         if self.vae_config is not None:
-            latent_channels = self.vae_config.get("latent_channels", 4)
-            if self.unet_config["in_channels"] != latent_channels:
+            channels = self.vae_config.get("latent_channels", 4)
+            if self.unet_config["out_channels"] != channels:
                 raise ValueError(
-                    f"unet_config['in_channels'] ({self.unet_config['in_channels']}) must equal the VAE's "
-                    f"latent_channels ({latent_channels})"
+                    f"unet_config['out_channels'] ({self.unet_config['out_channels']}) must equal the VAE's "
+                    f"latent_channels ({channels})"
                 )
+        expected = channels + 2 * self.coordinate_channels
+        if self.unet_config["in_channels"] != expected:
+            raise ValueError(
+                f"unet_config['in_channels'] ({self.unet_config['in_channels']}) must be {expected}: the sample's "
+                f"{channels} channels{' and the 2 coordinate channels' if self.coordinate_channels else ''}"
+            )
 
     @property
     def cross_attention_dim(self) -> int:

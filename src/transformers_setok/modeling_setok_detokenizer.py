@@ -61,13 +61,30 @@ class SetokTokenConditioner(ModelMixin, ConfigMixin):
 
     A linear projection maps token width to cross-attention width; `num_null_tokens` learned tokens (in token
     space, so they pass the same projection) are the "no image" condition of classifier-free guidance.
+
+    With `coordinate_channels`, the U-Net input also gets two fixed channels, each pixel's `x` and `y` in
+    `[-1, 1]` (CoordConv): a token says where its region lies (SeTok mixes a position code into it), and
+    cross-attention can only put it there if the U-Net's queries know where they are, which convolutions alone
+    learn slowly.
     """
 
     @register_to_config
-    def __init__(self, token_size: int, cross_attention_dim: int, num_null_tokens: int = 1) -> None:
+    def __init__(
+        self, token_size: int, cross_attention_dim: int, num_null_tokens: int = 1, coordinate_channels: bool = False
+    ) -> None:
         super().__init__()
         self.projection = nn.Linear(token_size, cross_attention_dim)
         self.null_tokens = nn.Parameter(0.02 * torch.randn(num_null_tokens, token_size))
+
+    def unet_input(self, sample: torch.Tensor) -> torch.Tensor:
+        """What the U-Net reads: the noisy sample, and the coordinate channels when the config asks for them."""
+        if not self.config.coordinate_channels:
+            return sample
+        batch_size, _, height, width = sample.shape
+        ys = torch.linspace(-1, 1, height, device=sample.device, dtype=sample.dtype)
+        xs = torch.linspace(-1, 1, width, device=sample.device, dtype=sample.dtype)
+        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))
+        return torch.cat([sample, grid[None].expand(batch_size, -1, -1, -1)], dim=1)
 
     def check_tokens(self, tokens: torch.Tensor, token_mask: torch.Tensor) -> None:
         """Raise a `ValueError` naming the argument for tokens or masks the U-Net cannot read."""
@@ -132,7 +149,10 @@ class SetokDetokenizer(PreTrainedModel):
     def __init__(self, config: SetokDetokenizerConfig) -> None:
         super().__init__(config)
         self.conditioner = SetokTokenConditioner(
-            config.token_size, config.cross_attention_dim, num_null_tokens=config.num_null_tokens
+            config.token_size,
+            config.cross_attention_dim,
+            num_null_tokens=config.num_null_tokens,
+            coordinate_channels=config.coordinate_channels,
         )
         self.unet = UNet2DConditionModel.from_config(config.unet_config)
         self.vae = AutoencoderKL.from_config(config.vae_config) if config.vae_config is not None else None
@@ -166,7 +186,7 @@ class SetokDetokenizer(PreTrainedModel):
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images in `[-1, 1]` -> what the U-Net denoises: scaled VAE latents, or the pixels themselves."""
-        expected = (self.vae.config.in_channels if self.vae is not None else self.unet.config.in_channels,)
+        expected = (self.vae.config.in_channels if self.vae is not None else self.unet.config.out_channels,)
         expected += (self.image_size, self.image_size)
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(
@@ -207,7 +227,10 @@ class SetokDetokenizer(PreTrainedModel):
         hidden_states, attention_mask = self.conditioner(tokens, token_mask, drop_condition=drop_condition)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         model_output = self.unet(
-            noisy, timesteps, encoder_hidden_states=hidden_states, encoder_attention_mask=attention_mask
+            self.conditioner.unet_input(noisy),
+            timesteps,
+            encoder_hidden_states=hidden_states,
+            encoder_attention_mask=attention_mask,
         ).sample
         prediction_type = scheduler.config.prediction_type
         if prediction_type == "epsilon":

@@ -93,7 +93,7 @@ class SetokDetokenizerPipeline(DiffusionPipeline):
         """The U-Net's prediction; with guidance, the conditional and unconditional halves in one batched call."""
         if guidance_scale > 1.0:
             latents = torch.cat([latents, latents])
-        model_input = self.scheduler.scale_model_input(latents, timestep)
+        model_input = self.conditioner.unet_input(self.scheduler.scale_model_input(latents, timestep))
         prediction = self.unet(
             model_input, timestep, encoder_hidden_states=hidden_states, encoder_attention_mask=attention_mask
         ).sample
@@ -131,7 +131,7 @@ class SetokDetokenizerPipeline(DiffusionPipeline):
         self.conditioner.check_tokens(tokens, token_mask)
         batch_size = tokens.shape[0]
         size = self.unet.config.sample_size
-        latent_shape = (batch_size, self.unet.config.in_channels, size, size)
+        latent_shape = (batch_size, self.unet.config.out_channels, size, size)
         self.check_inputs(num_inference_steps, guidance_scale, output_type, latents, latent_shape)
 
         device = self._execution_device
