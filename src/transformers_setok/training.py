@@ -154,14 +154,18 @@ class SetokimDataCollator:
         )
 
     def read_image(self, image: Any) -> Any:
-        """A path (relative to `image_folder`) read as an RGB image; images themselves as they are."""
-        if not isinstance(image, (str, os.PathLike)):
-            return image
-        path = Path(image)
-        return load_image(path if self.image_folder is None or path.is_absolute() else Path(self.image_folder) / path)
+        return read_image(image, self.image_folder)
 
     def pad(self, sequences: list[torch.Tensor], value: int) -> torch.Tensor:
         return pad_sequence(sequences, batch_first=True, padding_value=value, padding_side=self.padding_side)
+
+
+def read_image(image: Any, image_folder: str | os.PathLike | None) -> Any:
+    """A path (relative to `image_folder`, or the working directory) read as an RGB image; images as they are."""
+    if not isinstance(image, (str, os.PathLike)):
+        return image
+    path = Path(image)
+    return load_image(path if image_folder is None or path.is_absolute() else Path(image_folder) / path)
 
 
 def chat_messages(example: dict[str, Any], index: int) -> tuple[list[dict[str, Any]], list[Any]]:

@@ -6,6 +6,8 @@
     setok reconstruct photo.png --model setok-pretraining/ --out recon/   # images redrawn from their tokens
     setok generate "A red circle." --model setokim/ --out gen/   # draw; `setok edit photo.png "..."` edits
     setok segment photo.png "the red circle" --model setokim/ --out seg/   # the referred object's mask
+    setok train --all --out runs/tiny              # the three-stage recipe (stock Trainer + peft)
+    setok evaluate --model runs/tiny/stage3 --seed 1 --json metrics.json   # every task on a held-out world
     setok --version
 
 Errors a user can fix (a wrong path, a folder of the wrong kind, a bad setting) end the command with one line
@@ -18,7 +20,7 @@ import argparse
 from collections.abc import Sequence
 
 from .. import __version__
-from . import compose, convert, generate, reconstruct, tokenize
+from . import compose, convert, evaluate, generate, reconstruct, tokenize, train
 from .tokenize import demo_tokenizer, sample_image_paths
 
 
@@ -26,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="setok", description="SeTok semantic vision tokenizer tools.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in (tokenize, convert, compose, reconstruct, generate):
+    for command in (tokenize, convert, compose, reconstruct, generate, train, evaluate):
         command.register(commands)
     return parser
 

@@ -23,6 +23,7 @@ from ..configuration_setokim import SetokimConfig
 from ..image_processing_setok import load_image
 from ..modeling_setokim import SetokimForConditionalGeneration
 from ..processing_setokim import SetokimProcessor
+from ..recipes.world_data import chat_inputs, segment_request
 from .errors import fail
 from .tokenize import positive_int
 
@@ -46,14 +47,6 @@ def load_setokim(command: str, model_path: str) -> tuple[SetokimForConditionalGe
     return model, processor
 
 
-def chat_inputs(processor: SetokimProcessor, prompt: str, image: Image.Image | None) -> dict[str, torch.Tensor]:
-    """The prompt as the user's turn of the chat template (with the image first, if any), ready for the model."""
-    content = [{"type": "image"}] if image is not None else []
-    messages = [{"role": "user", "content": [*content, {"type": "text", "text": prompt}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    return processor(images=[image] if image is not None else None, text=[text], return_tensors="pt")
-
-
 def open_image(command: str, path: Path) -> Image.Image:
     if not path.is_file():
         fail(command, f"image file not found: {path}")
@@ -70,7 +63,7 @@ def draw(args: argparse.Namespace) -> int:
     model, processor = load_setokim(command, args.model)
     try:
         out = model.generate_images(
-            **chat_inputs(processor, args.prompt, image),
+            **chat_inputs(processor, [args.prompt], None if image is None else [image]),
             max_image_tokens=args.max_image_tokens,
             max_new_tokens=args.max_new_tokens,
             num_inference_steps=args.steps,
@@ -90,7 +83,7 @@ def segment(args: argparse.Namespace) -> int:
     """`segment`: the mask of what the prompt refers to, drawn over the picture."""
     image = open_image("segment", args.image)
     model, processor = load_setokim("segment", args.model)
-    inputs = chat_inputs(processor, f"Segment {args.expression}.", image)
+    inputs = chat_inputs(processor, [segment_request(args.expression)], [image])
     try:
         out = model.segment(**inputs, max_new_tokens=args.max_new_tokens)
     except ValueError as error:

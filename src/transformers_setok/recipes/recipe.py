@@ -1,0 +1,291 @@
+"""The paper's three training stages as one recipe on the stock `Trainer`, each stage a YAML file.
+
+    stage 1  SetokForPreTraining: the tokenizer (encoder + merger) and the detokenizer, by reconstruction and the
+             concept-level contrastive loss (`SetokPretrainingCollator`).
+    stage 2  multimodal pretraining of a Setokim built from the stage-1 tokenizer and a language model: captions
+             (image -> text) and text-to-image (text -> vision tokens), tokenizer frozen.
+    stage 3  instruction tuning with LoRA on the language model: questions, referring segmentation, editing (and
+             some of stage 2's tasks, so drawing is not forgotten); the adapters are merged into the final model.
+
+A run folder holds `tokenizer/` (trained on the world's texts when the recipe makes its own) and one folder per
+stage: the stage's model and processor, and `checkpoints/` from which an interrupted stage resumes. A stage reads
+the previous stage's folder, so `setok train --stage 2 --out run/` continues where `--stage 1 --out run/` ended.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import yaml
+from accelerate import PartialState
+from peft import get_peft_model
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging
+
+from ..configuration_mask_decoder import SetokimMaskDecoderConfig
+from ..configuration_setok_pretraining import SetokForPreTrainingConfig
+from ..image_processing_setok import SetokImageProcessor
+from ..modeling_setok_pretraining import SetokForPreTraining
+from ..modeling_setokim import SetokimForConditionalGeneration, load_setok
+from ..processing_setokim import SetokimProcessor
+from ..shapes_world import TASKS, shapes_world
+from ..tokenizer_training import train_sentencepiece_tokenizer
+from ..training import SetokimDataCollator, language_model_lora_config, set_trainable
+from .world_data import SetokPretrainingCollator, chat_examples, world_texts
+
+logger = logging.get_logger(__name__)
+
+RECIPES_DIR = Path(__file__).resolve().parent
+STAGES = (1, 2, 3)
+
+
+@dataclass
+class StageConfig:
+    """One stage of a recipe, as its YAML file writes it.
+
+    Attributes:
+        stage: 1, 2 or 3.
+        data: the shapes world to train on (`seed`, `num_scenes`, `image_size`) and, for stages 2 and 3, `tasks`:
+            how many times each task's records are used (a fraction uses the first ones).
+        training: `TrainingArguments` keywords; `output_dir` is the stage's `checkpoints/` folder.
+        model: stage 1: `SetokForPreTrainingConfig` keywords (`text_config` without its vocabulary, which the
+            tokenizer sets); stage 2: `text_config` of the language model built from scratch, `projector_type`,
+            `mask_decoder_config` and the `SetokimConfig` loss weights.
+        tokenizer: stage 1: the `vocab_size` of the tokenizer trained on the world's texts.
+        trainable: stages 2 and 3: `set_trainable` keywords.
+        lora: stage 3: `language_model_lora_config` keywords.
+        seed: seed of the model's initialisation and the data order.
+    """
+
+    stage: int
+    data: dict[str, Any]
+    training: dict[str, Any]
+    model: dict[str, Any] = field(default_factory=dict)
+    tokenizer: dict[str, Any] = field(default_factory=dict)
+    trainable: dict[str, Any] = field(default_factory=dict)
+    lora: dict[str, Any] | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.lora is not None and self.stage != 3:
+            raise ValueError(f"lora is stage 3's (instruction tuning), got it in stage {self.stage}")
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> StageConfig:
+        with open(path) as handle:
+            values = yaml.safe_load(handle)
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: a stage config is a YAML mapping, got {type(values).__name__}")
+        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {unknown}; a stage config has {sorted(cls.__dataclass_fields__)}")
+        return cls(**values)
+
+
+def stage_config_path(recipe: str | os.PathLike, stage: int) -> Path:
+    """`recipe`'s file for `stage`: a recipe shipped with the package by name ("tiny", "paper"), or a folder of
+    `stage1.yaml`, `stage2.yaml`, `stage3.yaml`."""
+    folder = RECIPES_DIR / str(recipe) if (RECIPES_DIR / str(recipe)).is_dir() else Path(recipe)
+    path = folder / f"stage{stage}.yaml"
+    if not path.is_file():
+        shipped = sorted(p.name for p in RECIPES_DIR.iterdir() if (p / "stage1.yaml").is_file())
+        raise FileNotFoundError(f"no {path.name} in {folder}; give a recipe folder or one of {shipped}")
+    return path
+
+
+def stage_dir(out: str | os.PathLike, stage: int) -> Path:
+    return Path(out) / f"stage{stage}"
+
+
+def training_arguments(config: StageConfig, out: Path) -> TrainingArguments:
+    values = {"report_to": "none", "save_total_limit": 1, **config.training, "seed": config.seed}
+    return TrainingArguments(output_dir=str(out / "checkpoints"), remove_unused_columns=False, **values)
+
+
+def run_trainer(trainer: Trainer, out: Path) -> None:
+    """Train, resuming from the newest checkpoint in `out/checkpoints` when there is one."""
+    checkpoint = get_last_checkpoint(trainer.args.output_dir) if os.path.isdir(trainer.args.output_dir) else None
+    if checkpoint is not None:
+        logger.warning(f"Resuming from {checkpoint}")
+    trainer.train(resume_from_checkpoint=checkpoint)
+    if trainer.is_world_process_zero():
+        metrics = [entry for entry in trainer.state.log_history if "loss" in entry or "train_loss" in entry]
+        (out / "training_log.json").write_text(json.dumps(metrics, indent=1))
+
+
+def world_for(config: StageConfig, tasks: tuple[str, ...]) -> datasets.DatasetDict:
+    data = config.data
+    return shapes_world(data.get("seed", 0), data["num_scenes"], data.get("image_size", 64), tasks=tasks)
+
+
+def data_files(config: StageConfig) -> datasets.Dataset | None:
+    """A user's own training data, `data.train_files` (JSON or JSON Lines), or `None` to train on the world."""
+    files = config.data.get("train_files")
+    return None if files is None else datasets.load_dataset("json", data_files=files, split="train")
+
+
+def text_tokenizer(config: StageConfig, out: Path) -> PreTrainedTokenizerBase:
+    """The run's tokenizer: `tokenizer.name_or_path`, or one the main process trains on the world's texts (every
+    task's, so later stages read them in few pieces), which every process then loads from `out/tokenizer`."""
+    if config.tokenizer.get("name_or_path") is not None:
+        return AutoTokenizer.from_pretrained(config.tokenizer["name_or_path"])
+    folder = out / "tokenizer"
+    with PartialState().main_process_first():
+        if not (folder / "tokenizer_config.json").is_file():
+            texts = world_texts(world_for(config, TASKS))
+            train_sentencepiece_tokenizer(texts, folder, config.tokenizer.get("vocab_size", 512))
+        return AutoTokenizer.from_pretrained(folder)
+
+
+def pretraining_model(config: StageConfig, tokenizer: PreTrainedTokenizerBase) -> SetokForPreTraining:
+    """The stage-1 model: built from `model`, its encoder and phrase encoder loaded from `model.vision_model`
+    and `model.text_model` when given (the paper's SigLIP), trained from scratch otherwise."""
+    model_config = dict(config.model)
+    vision_model, text_model = model_config.pop("vision_model", None), model_config.pop("text_model", None)
+    setok = None
+    if vision_model is not None:
+        setok_kwargs = {k: v for k, v in model_config.get("setok_config", {}).items() if k != "vision_config"}
+        setok = load_setok(vision_model, **setok_kwargs)
+        model_config["setok_config"] = setok.config
+    text = AutoModel.from_pretrained(text_model) if text_model is not None else None
+    if text is not None:
+        model_config["text_config"] = text.config
+    else:
+        model_config["text_config"] = {
+            **model_config.get("text_config", {}),
+            "vocab_size": len(tokenizer),
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+    set_seed(config.seed)
+    model = SetokForPreTraining(SetokForPreTrainingConfig(**model_config))
+    if setok is not None:
+        model.setok.load_state_dict(setok.state_dict())
+    if text is not None:
+        model.concept_head.text_model.load_state_dict(text.state_dict())
+    return model
+
+
+def train_stage1(config: StageConfig, out: Path) -> Path:
+    tokenizer = text_tokenizer(config, out)
+    model = pretraining_model(config, tokenizer)
+    size = model.config.setok_config.vision_config.image_size
+    image_processor = SetokImageProcessor(size={"height": size, "width": size})
+    train_dataset = data_files(config)
+    if train_dataset is None:
+        train_dataset = world_for(config, ("captions",))["captions"]
+    folder = stage_dir(out, 1)
+    collator = SetokPretrainingCollator(
+        image_processor, tokenizer, config.data.get("max_phrases", 8), config.data.get("image_folder")
+    )
+    trainer = Trainer(
+        model=model, args=training_arguments(config, folder), train_dataset=train_dataset, data_collator=collator
+    )
+    run_trainer(trainer, folder)
+    if trainer.is_world_process_zero():
+        trainer.save_model(str(folder))
+        image_processor.save_pretrained(str(folder))
+    return folder
+
+
+def setokim_from_stage1(config: StageConfig, out: Path) -> tuple[SetokimForConditionalGeneration, SetokimProcessor]:
+    """A Setokim of the stage-1 tokenizer and detokenizer, a language model built from scratch, a vision head and
+    a mask decoder."""
+    pretrained = SetokForPreTraining.from_pretrained(stage_dir(out, 1))
+    model_config = dict(config.model)
+    text_config, name = model_config.pop("text_config", None), model_config.pop("language_model", None)
+    set_seed(config.seed)
+    if name is not None:  # a pretrained LLM and its own tokenizer (the paper's)
+        tokenizer, language_model = AutoTokenizer.from_pretrained(name), AutoModelForCausalLM.from_pretrained(name)
+    else:  # one built from `text_config`, on the run's tokenizer
+        tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+        language_model = AutoModelForCausalLM.from_config(
+            AutoConfig.for_model(
+                **text_config,
+                vocab_size=len(tokenizer),
+                pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        )
+    composed, processor = SetokimForConditionalGeneration.from_parts(
+        pretrained.setok, language_model, tokenizer, projector_type=model_config.pop("projector_type", "mlp2x_gelu")
+    )
+    mask_decoder = model_config.pop("mask_decoder_config", None)
+    setokim_config = composed.config
+    for name, value in model_config.items():  # the loss weights
+        setattr(setokim_config, name, value)
+    setokim_config.vision_output_head = True
+    setokim_config.detokenizer_config = pretrained.config.detokenizer_config
+    if mask_decoder is not None:
+        setokim_config.mask_decoder_config = SetokimMaskDecoderConfig(**mask_decoder)
+    model = SetokimForConditionalGeneration(setokim_config)
+    missing, unexpected = model.load_state_dict(composed.state_dict(), strict=False)
+    heads = ("vision_head.", "detokenizer.", "mask_decoder.")
+    if unexpected or any(not key.startswith(heads) for key in missing):
+        raise RuntimeError(f"composing the stage-2 model lost weights: missing {missing}, unexpected {unexpected}")
+    model.detokenizer.load_state_dict(pretrained.detokenizer.state_dict())
+    return model, processor
+
+
+def train_chat_stage(config: StageConfig, out: Path) -> Path:
+    """Stages 2 and 3: chat examples of the world's tasks through `SetokimDataCollator` and the `Trainer`."""
+    if config.stage == 2:
+        model, processor = setokim_from_stage1(config, out)
+    else:
+        previous = stage_dir(out, 2)
+        model = SetokimForConditionalGeneration.from_pretrained(previous)
+        processor = SetokimProcessor.from_pretrained(previous)
+    if config.lora is not None:
+        model = get_peft_model(model, language_model_lora_config(**config.lora))
+    counts = set_trainable(model, **config.trainable)
+    logger.warning(f"Stage {config.stage} trains {counts} parameters per part")
+    train_dataset = data_files(config)
+    if train_dataset is None:
+        tasks = config.data["tasks"]
+        train_dataset = chat_examples(world_for(config, tuple(tasks)), tasks)
+    processor.tokenizer.padding_side = "right"
+    folder = stage_dir(out, config.stage)
+    set_seed(config.seed)
+    collator = SetokimDataCollator(
+        processor,
+        max_length=config.data.get("max_length"),
+        image_folder=config.data.get("image_folder"),
+        mask_size=config.data.get("mask_size"),
+    )
+    trainer = Trainer(
+        model=model, args=training_arguments(config, folder), train_dataset=train_dataset, data_collator=collator
+    )
+    run_trainer(trainer, folder)
+    if trainer.is_world_process_zero():
+        final = model.merge_and_unload() if config.lora is not None else model
+        final.save_pretrained(str(folder))
+        processor.tokenizer.padding_side = "left"  # what batched generation needs
+        processor.save_pretrained(str(folder))
+    return folder
+
+
+def train_stage(config: StageConfig, out: str | os.PathLike) -> Path:
+    """Run one stage into `out` and return the folder of its trained model."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return train_stage1(config, out) if config.stage == 1 else train_chat_stage(config, out)
+
+
+__all__ = ["RECIPES_DIR", "STAGES", "StageConfig", "stage_config_path", "stage_dir", "train_stage"]
