@@ -266,12 +266,14 @@ class SetokModel(SetokPreTrainedModel):
         return features, grid_size
 
     def encode(
-        self, pixel_values: torch.FloatTensor
-    ) -> tuple[torch.Tensor, tuple[int, int], tuple[torch.Tensor, ...]]:
-        """Patch features of the configured layer, the patch grid, and every hidden state of the encoder.
+        self, pixel_values: torch.FloatTensor, output_hidden_states: bool = False
+    ) -> tuple[torch.Tensor, tuple[int, int], tuple[torch.Tensor, ...] | None]:
+        """Patch features of the configured layer, the patch grid, and (if asked) every hidden state of the encoder.
 
         Images of another size than the encoder was built for are encoded at their own resolution where the
         encoder can interpolate its position embeddings (SigLIP, CLIP, ViT), so the grid follows the image.
+        Unless every hidden state is asked for, the encoder stops at the configured layer (see
+        [`run_vision_model`]).
         """
         vision_config = self.config.vision_config
         check_pixel_values(pixel_values, vision_config.num_channels)
@@ -289,7 +291,7 @@ class SetokModel(SetokPreTrainedModel):
         ):
             encoder_kwargs["interpolate_pos_encoding"] = True
         try:
-            encoded = self.vision_model(pixel_values=pixel_values, output_hidden_states=True, **encoder_kwargs)
+            features, hidden_states = self.run_vision_model(pixel_values, output_hidden_states, **encoder_kwargs)
         except RuntimeError as error:
             if (height, width) == native_size:
                 raise
@@ -298,7 +300,6 @@ class SetokModel(SetokPreTrainedModel):
                 f"({type(self.vision_model).__name__} cannot take other sizes), got {height}x{width}; use the "
                 "checkpoint's image processor"
             ) from error
-        features = encoded.hidden_states[self.config.vision_feature_layer]
         if self.config.vision_feature_select_strategy == "default":
             features = features[:, 1:]
         grid_size = (height // patch_size, width // patch_size)
@@ -307,7 +308,42 @@ class SetokModel(SetokPreTrainedModel):
                 f"pixel_values of size {(height, width)} give a {grid_size} patch grid, but the encoder returned "
                 f"{features.shape[1]} patch features; check vision_feature_select_strategy"
             )
-        return features, grid_size, encoded.hidden_states
+        return features, grid_size, hidden_states
+
+    def run_vision_model(
+        self, pixel_values: torch.FloatTensor, output_hidden_states: bool, **encoder_kwargs: Any
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """The configured layer's hidden state and, with `output_hidden_states`, every hidden state.
+
+        Hidden state `i` is the input of encoder layer `i`, so the encoder is stopped as that layer is entered: the
+        later layers, the final norm and the pooling head never run (nor get gradients) when an earlier layer is
+        read, while their weights stay in the model, so checkpoints save and load unchanged. Encoders whose layers
+        cannot be found (no `nn.ModuleList` of `num_hidden_layers` modules) run whole.
+        """
+        layers = encoder_layers(self.vision_model)
+        layer = self.config.vision_feature_layer
+        if layers is not None and not -len(layers) - 1 <= layer <= len(layers):
+            raise ValueError(
+                f"vision_feature_layer must index the {len(layers) + 1} hidden states of the vision encoder, "
+                f"got {layer}"
+            )
+        if output_hidden_states or layers is None or layer % (len(layers) + 1) == len(layers):
+            hidden_states = self.vision_model(
+                pixel_values=pixel_values, output_hidden_states=True, **encoder_kwargs
+            ).hidden_states
+            return hidden_states[layer], hidden_states if output_hidden_states else None
+
+        def stop(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            raise FeatureLayerReached(args[0] if args else kwargs["hidden_states"])
+
+        handle = layers[layer % (len(layers) + 1)].register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            self.vision_model(pixel_values=pixel_values, **encoder_kwargs)
+        except FeatureLayerReached as reached:
+            return reached.hidden_state, None
+        finally:
+            handle.remove()
+        raise RuntimeError(f"{type(self.vision_model).__name__} never entered layer {layer} of its encoder")
 
     def tokenize_features(
         self,
@@ -358,9 +394,9 @@ class SetokModel(SetokPreTrainedModel):
 
         `cluster_threshold`, `min_tokens`, `max_tokens` and `cluster_k` override the config for this call.
         """
-        patch_features, grid_size, hidden_states = self.encode(pixel_values)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
+        patch_features, grid_size, hidden_states = self.encode(pixel_values, output_hidden_states)
         output = self.tokenize_features(
             patch_features,
             grid_size,
@@ -370,8 +406,23 @@ class SetokModel(SetokPreTrainedModel):
             cluster_k=cluster_k,
             output_attentions=self.config.output_attentions if output_attentions is None else output_attentions,
         )
-        output.hidden_states = hidden_states if output_hidden_states else None
+        output.hidden_states = hidden_states
         return output
+
+
+class FeatureLayerReached(Exception):
+    """Stops a vision encoder as its feature layer is entered, carrying that layer's input hidden state."""
+
+    def __init__(self, hidden_state: torch.Tensor) -> None:
+        super().__init__("the vision encoder reached its feature layer")
+        self.hidden_state = hidden_state
+
+
+def encoder_layers(vision_model: nn.Module) -> nn.ModuleList | None:
+    """The encoder's transformer layers: the first `nn.ModuleList` holding `config.num_hidden_layers` modules."""
+    num_layers = getattr(vision_model.config, "num_hidden_layers", None)
+    lists = (module for module in vision_model.modules() if isinstance(module, nn.ModuleList))
+    return next((layers for layers in lists if len(layers) == num_layers), None)
 
 
 UNNORMALISED_PIXEL_BOUND = 5.0
