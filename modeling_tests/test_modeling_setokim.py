@@ -6,6 +6,8 @@ which hide a uniform shift of the position ids) and GPT-2 (learned absolute posi
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import IMAGE_END_ID, IMAGE_START_ID, IMAGE_TOKEN_ID, PAD_ID, randomize_weights, tiny_setokim_config
@@ -13,7 +15,7 @@ from conftest import random_pixel_values as images
 from torch.nn import functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from transformers_setok import SetokimForConditionalGeneration
+from transformers_setok import SetokimConfig, SetokimForConditionalGeneration
 from transformers_setok.placeholder_expansion import IGNORE_INDEX
 
 IMAGE = [IMAGE_START_ID, IMAGE_TOKEN_ID, IMAGE_END_ID]
@@ -172,7 +174,7 @@ def test_loss_on_text_targets_only_and_gradients_reach_projector_and_merger(
     labels[0, :4] = IGNORE_INDEX
     out = tiny_setokim(input_ids=ids, pixel_values=images(1), labels=labels)
     assert torch.isfinite(out.loss)
-    count = int(out.image_features.num_tokens[0])
+    count = int(out.image_outputs.num_tokens[0])
     expected_labels = [IGNORE_INDEX] * (3 + count) + [5, 6, 7, 2]
     assert out.labels[0].tolist() == expected_labels
     shifted = out.logits[0, :-1][torch.tensor(expected_labels[1:]) != IGNORE_INDEX]
@@ -206,7 +208,7 @@ def test_text_only_batch_equals_the_plain_language_model(tiny_setokim: SetokimFo
         ours = tiny_setokim(input_ids=ids, attention_mask=mask, labels=ids)
         theirs = plain(input_ids=ids, attention_mask=mask, labels=ids)
     torch.testing.assert_close(ours.logits, theirs.logits)
-    assert ours.image_features is None
+    assert ours.image_outputs is None
 
 
 def greedy(model, ids, mask, pixels, **kwargs) -> torch.Tensor:
@@ -304,10 +306,38 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path, tiny_setokim) -> 
         after = reloaded(input_ids=ids, pixel_values=pixels)
         hidden = base(input_ids=ids, pixel_values=pixels).last_hidden_state
     assert torch.equal(before.logits, after.logits)
-    assert torch.equal(before.image_features.image_embeds, after.image_features.image_embeds)
+    assert torch.equal(before.image_outputs.image_embeds, after.image_outputs.image_embeds)
     torch.testing.assert_close(tiny_setokim.lm_head(hidden), before.logits)
     prompt = dict(input_ids=ids, pixel_values=pixels, max_new_tokens=6, do_sample=False)
     assert torch.equal(reloaded.generate(**prompt), tiny_setokim.generate(**prompt))
+
+
+def test_vision_config_is_the_encoders_and_is_saved_once(tmp_path) -> None:
+    """`config.vision_config`, where Transformers looks for it, is the SeTok encoder's, saved only inside SeTok's."""
+    config = tiny_setokim_config()
+    assert config.vision_config is config.setok_config.vision_config
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "vision_config" not in saved and "vision_config" in saved["setok_config"]
+    assert "vision_config" not in config.to_dict()
+    reloaded = SetokimConfig.from_pretrained(tmp_path)
+    assert reloaded.vision_config is reloaded.setok_config.vision_config
+    assert reloaded.vision_config.to_diff_dict() == config.vision_config.to_diff_dict()
+
+
+def test_forward_returns_the_image_features_and_their_encoder_states_when_asked(tiny_setokim) -> None:
+    """`image_outputs` is what `get_image_features` returns, with the vision encoder's hidden states on request."""
+    ids, pixels = torch.tensor([[1, *IMAGE, 5, 6]]), images(1)
+    with torch.no_grad():
+        plain = tiny_setokim(input_ids=ids, pixel_values=pixels)
+        asked = tiny_setokim(input_ids=ids, pixel_values=pixels, output_hidden_states=True)
+        features = tiny_setokim.get_image_features(pixels, output_hidden_states=True)
+    assert plain.image_outputs.hidden_states is None
+    assert len(asked.hidden_states) == tiny_setokim.config.text_config.num_hidden_layers + 1
+    assert len(asked.image_outputs.hidden_states) == tiny_setokim.config.vision_config.num_hidden_layers + 1
+    for name in ("hidden_states", "pooler_output", "last_hidden_state", "token_mask"):
+        torch.testing.assert_close(getattr(asked.image_outputs, name), getattr(features, name), msg=name)
+    assert plain.image_features is plain.image_outputs  # the former name still answers
 
 
 def test_tied_embeddings_follow_the_text_config() -> None:

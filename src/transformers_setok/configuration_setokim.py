@@ -93,6 +93,14 @@ class SetokimConfig(PreTrainedConfig):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     @property
+    def vision_config(self) -> PreTrainedConfig:
+        """The vision encoder's config, where Transformers looks for it in a multimodal config.
+
+        It is saved once, inside `setok_config` (the tokenizer owns its encoder); this is a view, not a field.
+        """
+        return self.setok_config.vision_config
+
+    @property
     def projector_depth(self) -> int:
         """Linear layers in the projector."""
         match = PROJECTOR_TYPE_PATTERN.match(self.projector_type)

@@ -18,10 +18,14 @@ from transformers import (
 from transformers.cache_utils import Cache
 from transformers.generation import BaseStreamer, LogitsProcessor, LogitsProcessorList
 from transformers.generation.utils import GenerateOutput
-from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    MultimodalBaseModelOutputWithPast,
+    MultimodalCausalLMOutputWithPast,
+)
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.processing_utils import Unpack
-from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
+from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_setok import SetokConfig
@@ -59,6 +63,8 @@ from .placeholder_expansion import (
     pack_rows,
 )
 from .processing_setokim import SetokimProcessor
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -109,43 +115,54 @@ class SetokimMultimodalInputs(ModelOutput):
     image_rows: torch.LongTensor | None = None
 
 
+class DeprecatedImageFeatures:
+    """The outputs' former name for `image_outputs`, kept working while callers move to Transformers' name."""
+
+    @property
+    def image_features(self) -> SetokimImageFeatures | None:
+        logger.warning_once("`image_features` is deprecated: use `image_outputs`, Transformers' name for it")
+        return self.image_outputs
+
+
 @dataclass
-class SetokimModelOutputWithPast(BaseModelOutputWithPast):
+class SetokimModelOutputWithPast(DeprecatedImageFeatures, MultimodalBaseModelOutputWithPast):
     """Language-model hidden states over the expanded sequence.
 
     Attributes:
+        image_outputs: the images' [`SetokimImageFeatures`] (what `get_image_features` returns), when
+            `pixel_values` were given.
         attention_mask: `(batch, expanded_length)` mask of the expanded sequence the states align with.
         labels: expanded labels when labels were given (`-100` on padding and on images the model only reads).
-        image_features: the images' tokens, when `pixel_values` were given.
         generation_targets: `(num_images,)` which images the labels ask the model to write (with a vision head).
         image_rows: `(num_images,)` the row each image is in.
     """
 
+    image_outputs: SetokimImageFeatures | None = None
     attention_mask: torch.LongTensor | None = None
     labels: torch.LongTensor | None = None
-    image_features: SetokimImageFeatures | None = None
     generation_targets: torch.BoolTensor | None = None
     image_rows: torch.LongTensor | None = None
 
 
 @dataclass
-class SetokimCausalLMOutputWithPast(CausalLMOutputWithPast):
+class SetokimCausalLMOutputWithPast(DeprecatedImageFeatures, MultimodalCausalLMOutputWithPast):
     """Logits over the expanded sequence; `loss` covers the text targets and, with a vision head, the images the
     labels ask the model to write (when to stop, and their tokens).
 
     Attributes:
+        image_outputs: the images' [`SetokimImageFeatures`] (what `get_image_features` returns), when
+            `pixel_values` were given.
         attention_mask: `(batch, expanded_length)` mask of the expanded sequence the logits align with.
         labels: expanded labels when labels were given (`-100` on padding and on images the model only reads).
-        image_features: the images' tokens, when `pixel_values` were given.
         image_regression_loss: the weighted MSE + cosine loss of the predicted tokens of the images to write
             (already part of `loss`).
         mask_logits: with `target_masks`, the mask decoder's logits of each segmented row's region.
         mask_loss: with `target_masks`, the weighted BCE + Dice loss of those masks (already part of `loss`).
     """
 
+    image_outputs: SetokimImageFeatures | None = None
     attention_mask: torch.LongTensor | None = None
     labels: torch.LongTensor | None = None
-    image_features: SetokimImageFeatures | None = None
     image_regression_loss: torch.FloatTensor | None = None
     mask_logits: torch.FloatTensor | None = None
     mask_loss: torch.FloatTensor | None = None
@@ -310,12 +327,15 @@ class SetokimModel(SetokimPreTrainedModel):
         labels: torch.LongTensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         padding_side: str | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         **clustering: Any,
     ) -> SetokimMultimodalInputs:
         """Tokenize the images, then expand each placeholder to its image's tokens (shared by forward and generate).
 
         The placeholders are found in `input_ids`, or in `inputs_embeds` by their embedding; `clustering` holds
         per-call overrides of the SeTok config (`cluster_threshold`, `min_tokens`, `max_tokens`, `cluster_k`).
+        `output_hidden_states` and `output_attentions` ask the image features for them, as in `get_image_features`.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError(
@@ -324,7 +344,13 @@ class SetokimModel(SetokimPreTrainedModel):
         check_pixel_values(pixel_values, self.config.setok_config.vision_config.num_channels)
         placeholder_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
         check_placeholder_count(placeholder_mask, self.config.image_token_id, len(pixel_values))  # before encoding
-        features = self.get_image_features(pixel_values, return_dict=True, **clustering)
+        features = self.get_image_features(
+            pixel_values,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+            **clustering,
+        )
         pad_token_id = self.config.text_config.pad_token_id
         expanded: ExpandedInputs = expand_image_placeholders(
             placeholder_mask,
@@ -403,18 +429,25 @@ class SetokimModel(SetokimPreTrainedModel):
         clustering = dict(
             cluster_threshold=cluster_threshold, min_tokens=min_tokens, max_tokens=max_tokens, cluster_k=cluster_k
         )
-        image_features = generation_targets = image_rows = None
+        image_outputs = generation_targets = image_rows = None
         if pixel_values is not None:
             if image_embeds is not None or position_ids is not None:
                 raise ValueError(
                     "pixel_values expand the sequence, so image_embeds and position_ids cannot be given with them"
                 )
             prepared = self.prepare_multimodal_inputs(
-                input_ids, pixel_values, attention_mask, labels, inputs_embeds=inputs_embeds, **clustering
+                input_ids,
+                pixel_values,
+                attention_mask,
+                labels,
+                inputs_embeds=inputs_embeds,
+                output_hidden_states=kwargs.get("output_hidden_states"),
+                output_attentions=kwargs.get("output_attentions"),
+                **clustering,
             )
             input_ids, inputs_embeds = prepared.input_ids, prepared.inputs_embeds
             attention_mask, position_ids = prepared.attention_mask, prepared.position_ids
-            labels, image_embeds, image_features = prepared.labels, prepared.image_embeds, prepared.image_features
+            labels, image_embeds, image_outputs = prepared.labels, prepared.image_embeds, prepared.image_features
             generation_targets, image_rows = prepared.generation_targets, prepared.image_rows
         else:
             check_clustering_has_images(clustering)
@@ -447,7 +480,7 @@ class SetokimModel(SetokimPreTrainedModel):
             attentions=outputs.attentions,
             attention_mask=attention_mask,
             labels=labels,
-            image_features=image_features,
+            image_outputs=image_outputs,
             generation_targets=generation_targets,
             image_rows=image_rows,
         )
@@ -660,7 +693,7 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             attention_mask=outputs.attention_mask,
             labels=outputs.labels,
-            image_features=outputs.image_features,
+            image_outputs=outputs.image_outputs,
             image_regression_loss=regression_loss,
             mask_logits=mask_logits,
             mask_loss=segmentation_loss,
@@ -691,7 +724,7 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
 
     def written_targets(self, outputs: SetokimModelOutputWithPast) -> torch.Tensor:
         """The tokenizer's tokens of the images to write, in the row-major order of their positions (fixed targets)."""
-        features, targets = outputs.image_features, outputs.generation_targets
+        features, targets = outputs.image_outputs, outputs.generation_targets
         return features.tokenizer_output.tokens[targets][features.token_mask[targets]].detach()
 
     def image_regression_loss(self, outputs: SetokimModelOutputWithPast) -> torch.Tensor:
@@ -729,7 +762,7 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         query_mask = torch.arange(queries.shape[1], device=queries.device)[None, :] < lengths[:, None]
         images = region_images(outputs.image_rows, outputs.generation_targets, batch_size, rows)
         selected = rows.nonzero()[:, 0].to(queries.device)
-        tokenizer_output = outputs.image_features.tokenizer_output
+        tokenizer_output = outputs.image_outputs.tokenizer_output
         return self.mask_decoder(
             queries[selected],
             query_mask[selected],
