@@ -167,7 +167,8 @@ def test_from_stable_diffusion_reinitialises_only_cross_attention_of_another_wid
     [
         (dict(num_null_tokens=0), "num_null_tokens"),
         (dict(condition_drop_prob=1.5), "condition_drop_prob"),
-        (dict(coordinate_channels=True), "in_channels"),  # a 3-channel U-Net input has no room for x and y
+        (dict(coordinate_channels=4), "in_channels"),  # a 3-channel U-Net input has no room for the code
+        (dict(coordinate_channels=6, unet_config=tiny_unet_config(in_channels=9)), "multiple of 4"),
     ],
 )
 def test_config_rejects_impossible_settings(change, argument) -> None:
@@ -177,7 +178,7 @@ def test_config_rejects_impossible_settings(change, argument) -> None:
 
 def coordinate_detokenizer() -> SetokDetokenizer:
     torch.manual_seed(0)
-    config = tiny_detokenizer_config(coordinate_channels=True, unet_config=tiny_unet_config(in_channels=5))
+    config = tiny_detokenizer_config(coordinate_channels=8, unet_config=tiny_unet_config(in_channels=11))
     return randomize_weights(SetokDetokenizer(config), seed=4).eval()
 
 
@@ -192,10 +193,15 @@ def unet_inputs(detokenizer: SetokDetokenizer, run) -> list[torch.Tensor]:
     return seen
 
 
-def test_coordinate_channels_give_the_unet_each_pixels_x_and_y_in_training_and_sampling() -> None:
+def test_coordinate_channels_give_the_unet_a_fourier_code_of_each_pixel_in_training_and_sampling() -> None:
     detokenizer = coordinate_detokenizer()
     inputs = training_inputs()
-    x = torch.tensor([-1 + 2 * column / 7 for column in range(8)])  # 8 pixels from -1 to 1
+    position = torch.tensor([-1 + 2 * pixel / 7 for pixel in range(8)])  # 8 pixels from -1 to 1
+    code = []  # sin x, cos x, sin y, cos y at the frequencies pi and 2 pi
+    for function, along_x in [(torch.sin, True), (torch.cos, True), (torch.sin, False), (torch.cos, False)]:
+        for frequency in (torch.pi, 2 * torch.pi):
+            wave = function(frequency * position)
+            code.append(wave[None, :].expand(8, 8) if along_x else wave[:, None].expand(8, 8))
     pipeline = SetokDetokenizerPipeline.from_detokenizer(detokenizer)
     pipeline.set_progress_bar_config(disable=True)
     seen = unet_inputs(detokenizer, lambda: detokenizer(**inputs))
@@ -204,8 +210,7 @@ def test_coordinate_channels_give_the_unet_each_pixels_x_and_y_in_training_and_s
     )
     assert len(seen) == 3
     for unet_input in seen:
-        assert unet_input.shape[1] == 5
-        torch.testing.assert_close(unet_input[:, 3], x[None, None, :].expand(len(unet_input), 8, 8))
-        torch.testing.assert_close(unet_input[:, 4], x[None, :, None].expand(len(unet_input), 8, 8))
+        assert unet_input.shape[1] == 11
+        torch.testing.assert_close(unet_input[:, 3:], torch.stack(code)[None].expand(len(unet_input), -1, -1, -1))
     image = pipeline(tokens=inputs["tokens"], token_mask=inputs["token_mask"], num_inference_steps=2, output_type="pt")
-    assert image.images.shape == (2, 3, 8, 8)  # the coordinates go in, never come out
+    assert image.images.shape == (2, 3, 8, 8)  # the code goes in, never comes out

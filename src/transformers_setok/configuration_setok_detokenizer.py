@@ -50,10 +50,10 @@ class SetokDetokenizerConfig(PreTrainedConfig):
             Probability, per training image, of replacing its tokens with the null tokens.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the null tokens at initialisation.
-        coordinate_channels (`bool`, *optional*, defaults to `False`):
-            Give the U-Net two more input channels, each pixel's `x` and `y` (CoordConv), so it can put a token's
-            region where the token says it lies; `unet_config["in_channels"]` must then be the sample's channels
-            plus 2.
+        coordinate_channels (`int`, *optional*, defaults to 0):
+            Give the U-Net this many more input channels, a Fourier code of each pixel's position (a multiple of
+            4: sine and cosine of `x` and `y` per frequency), so it can put a token's region where the token says
+            it lies; `unet_config["in_channels"]` must then be the sample's channels plus these.
     """
 
     model_type = "setok_detokenizer"
@@ -65,7 +65,7 @@ class SetokDetokenizerConfig(PreTrainedConfig):
     num_null_tokens: int = 1
     condition_drop_prob: float = 0.1
     initializer_range: float = 0.02
-    coordinate_channels: bool = False
+    coordinate_channels: int = 0
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -93,11 +93,13 @@ class SetokDetokenizerConfig(PreTrainedConfig):
                     f"unet_config['out_channels'] ({self.unet_config['out_channels']}) must equal the VAE's "
                     f"latent_channels ({channels})"
                 )
-        expected = channels + 2 * self.coordinate_channels
+        if self.coordinate_channels < 0 or self.coordinate_channels % 4:
+            raise ValueError(f"coordinate_channels must be a multiple of 4, got {self.coordinate_channels}")
+        expected = channels + self.coordinate_channels
         if self.unet_config["in_channels"] != expected:
             raise ValueError(
                 f"unet_config['in_channels'] ({self.unet_config['in_channels']}) must be {expected}: the sample's "
-                f"{channels} channels{' and the 2 coordinate channels' if self.coordinate_channels else ''}"
+                f"{channels} channels and the {self.coordinate_channels} coordinate channels"
             )
 
     @property

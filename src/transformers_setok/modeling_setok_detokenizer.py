@@ -62,29 +62,37 @@ class SetokTokenConditioner(ModelMixin, ConfigMixin):
     A linear projection maps token width to cross-attention width; `num_null_tokens` learned tokens (in token
     space, so they pass the same projection) are the "no image" condition of classifier-free guidance.
 
-    With `coordinate_channels`, the U-Net input also gets two fixed channels, each pixel's `x` and `y` in
-    `[-1, 1]` (CoordConv): a token says where its region lies (SeTok mixes a position code into it), and
-    cross-attention can only put it there if the U-Net's queries know where they are, which convolutions alone
-    learn slowly.
+    With `coordinate_channels`, the U-Net input also gets fixed Fourier features of each pixel's position: the
+    sine and cosine of `pi * 2**k * x` and of `pi * 2**k * y` (`x`, `y` in `[-1, 1]`) for `k < coordinate_channels
+    / 4`. A token says where its region lies (SeTok mixes a sin-cos position code into it), and cross-attention
+    can only put it there if the U-Net's queries carry a code of where they are that a linear map can match to the
+    token's; convolutions alone learn one slowly.
     """
 
     @register_to_config
     def __init__(
-        self, token_size: int, cross_attention_dim: int, num_null_tokens: int = 1, coordinate_channels: bool = False
+        self, token_size: int, cross_attention_dim: int, num_null_tokens: int = 1, coordinate_channels: int = 0
     ) -> None:
         super().__init__()
+        if coordinate_channels % 4:
+            raise ValueError(
+                f"coordinate_channels must be a multiple of 4 (sin, cos of x, y), got {coordinate_channels}"
+            )
         self.projection = nn.Linear(token_size, cross_attention_dim)
         self.null_tokens = nn.Parameter(0.02 * torch.randn(num_null_tokens, token_size))
 
     def unet_input(self, sample: torch.Tensor) -> torch.Tensor:
-        """What the U-Net reads: the noisy sample, and the coordinate channels when the config asks for them."""
-        if not self.config.coordinate_channels:
+        """What the U-Net reads: the noisy sample, then the coordinate channels the config asks for."""
+        num_frequencies = self.config.coordinate_channels // 4
+        if num_frequencies == 0:
             return sample
         batch_size, _, height, width = sample.shape
-        ys = torch.linspace(-1, 1, height, device=sample.device, dtype=sample.dtype)
-        xs = torch.linspace(-1, 1, width, device=sample.device, dtype=sample.dtype)
-        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))
-        return torch.cat([sample, grid[None].expand(batch_size, -1, -1, -1)], dim=1)
+        frequencies = torch.pi * 2.0 ** torch.arange(num_frequencies, device=sample.device, dtype=sample.dtype)
+        ys = torch.linspace(-1, 1, height, device=sample.device, dtype=sample.dtype)[:, None, None] * frequencies
+        xs = torch.linspace(-1, 1, width, device=sample.device, dtype=sample.dtype)[None, :, None] * frequencies
+        ys, xs = ys.expand(height, width, -1), xs.expand(height, width, -1)
+        code = torch.cat([xs.sin(), xs.cos(), ys.sin(), ys.cos()], dim=-1).permute(2, 0, 1)
+        return torch.cat([sample, code[None].expand(batch_size, -1, -1, -1)], dim=1)
 
     def check_tokens(self, tokens: torch.Tensor, token_mask: torch.Tensor) -> None:
         """Raise a `ValueError` naming the argument for tokens or masks the U-Net cannot read."""
