@@ -1,5 +1,6 @@
 """The `setok` command: one sub-command per module.
 
+    setok demo                                     # the shipped tiny Setokim at work: demo/index.html
     setok tokenize photos/ --counts counts.csv     # token counts and region overlays of images
     setok convert --stage1 mm_projector.bin ...    # official SeTok checkpoints to Transformers folders
     setok compose --vision siglip/ --language-model llm/ --output setokim/   # a Setokim from pretrained parts
@@ -20,7 +21,7 @@ import argparse
 from collections.abc import Sequence
 
 from .. import __version__
-from . import compose, convert, evaluate, generate, reconstruct, tokenize, train
+from . import compose, convert, demo, evaluate, generate, reconstruct, tokenize, train
 from .tokenize import demo_tokenizer, sample_image_paths
 
 
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="setok", description="SeTok semantic vision tokenizer tools.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in (tokenize, convert, compose, reconstruct, generate, train, evaluate):
+    for command in (demo, tokenize, convert, compose, reconstruct, generate, train, evaluate):
         command.register(commands)
     return parser
 

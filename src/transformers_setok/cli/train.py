@@ -12,6 +12,8 @@ The final model (stage 3) is `<out>/stage3`: a Setokim checkpoint with its proce
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from ..recipes.recipe import STAGES, StageConfig, stage_config_path, train_stage
 from .errors import failure_for
 
 fail = failure_for("train")
+COMMAND_FILE = "command.txt"
 logger = logging.get_logger("transformers_setok")
 
 
@@ -35,6 +38,9 @@ def stage_configs(args: argparse.Namespace) -> list[StageConfig]:
 def run(args: argparse.Namespace) -> int:
     configs = stage_configs(args)
     logging.set_verbosity_info()
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / COMMAND_FILE, "a") as commands:  # for the model card: how this run was made
+        commands.write(" ".join(["setok", *map(shlex.quote, sys.argv[1:])]) + "\n")
     for config in configs:
         started = time.perf_counter()
         folder = train_stage(config, args.out)

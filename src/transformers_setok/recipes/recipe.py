@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import datasets
+import torch
 import yaml
-from accelerate import PartialState
 from peft import get_peft_model
 from transformers import (
     AutoConfig,
@@ -115,12 +115,17 @@ def stage_dir(out: str | os.PathLike, stage: int) -> Path:
 
 
 def training_arguments(config: StageConfig, out: Path) -> TrainingArguments:
-    values = {"report_to": "none", "save_total_limit": 1, **config.training, "seed": config.seed}
+    """The stage's `TrainingArguments`. Processes launched by `torchrun` or `accelerate launch` on a machine without
+    CUDA form one DDP job (gloo) only with `use_cpu`: without it each process would train alone on all the data."""
+    several_cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    values = {"report_to": "none", "save_total_limit": 1, "use_cpu": several_cpu_processes, **config.training}
+    values["seed"] = config.seed
     return TrainingArguments(output_dir=str(out / "checkpoints"), remove_unused_columns=False, **values)
 
 
-def run_trainer(trainer: Trainer, out: Path) -> None:
-    """Train, resuming from the newest checkpoint in `out/checkpoints` when there is one."""
+def run_trainer(trainer: Trainer, config: StageConfig, out: Path) -> None:
+    """Train, resuming from the newest checkpoint in `out/checkpoints` when there is one; save the loss log and
+    the stage's config beside the model."""
     checkpoint = get_last_checkpoint(trainer.args.output_dir) if os.path.isdir(trainer.args.output_dir) else None
     if checkpoint is not None:
         logger.warning(f"Resuming from {checkpoint}")
@@ -128,6 +133,7 @@ def run_trainer(trainer: Trainer, out: Path) -> None:
     if trainer.is_world_process_zero():
         metrics = [entry for entry in trainer.state.log_history if "loss" in entry or "train_loss" in entry]
         (out / "training_log.json").write_text(json.dumps(metrics, indent=1))
+        (out / "recipe.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
 
 
 def world_for(config: StageConfig, tasks: tuple[str, ...]) -> datasets.DatasetDict:
@@ -141,13 +147,14 @@ def data_files(config: StageConfig) -> datasets.Dataset | None:
     return None if files is None else datasets.load_dataset("json", data_files=files, split="train")
 
 
-def text_tokenizer(config: StageConfig, out: Path) -> PreTrainedTokenizerBase:
+def text_tokenizer(config: StageConfig, out: Path, args: TrainingArguments) -> PreTrainedTokenizerBase:
     """The run's tokenizer: `tokenizer.name_or_path`, or one the main process trains on the world's texts (every
-    task's, so later stages read them in few pieces), which every process then loads from `out/tokenizer`."""
+    task's, so later stages read them in few pieces), which every process then loads from `out/tokenizer`. The
+    processes are those of `args`, the stage's `TrainingArguments`, so they are the ones its `Trainer` runs."""
     if config.tokenizer.get("name_or_path") is not None:
         return AutoTokenizer.from_pretrained(config.tokenizer["name_or_path"])
     folder = out / "tokenizer"
-    with PartialState().main_process_first():
+    with args.main_process_first(local=False, desc="training the tokenizer"):
         if not (folder / "tokenizer_config.json").is_file():
             texts = world_texts(world_for(config, TASKS))
             train_sentencepiece_tokenizer(texts, folder, config.tokenizer.get("vocab_size", 512))
@@ -183,21 +190,20 @@ def pretraining_model(config: StageConfig, tokenizer: PreTrainedTokenizerBase) -
 
 
 def train_stage1(config: StageConfig, out: Path) -> Path:
-    tokenizer = text_tokenizer(config, out)
+    folder = stage_dir(out, 1)
+    args = training_arguments(config, folder)
+    tokenizer = text_tokenizer(config, out, args)
     model = pretraining_model(config, tokenizer)
     size = model.config.setok_config.vision_config.image_size
     image_processor = SetokImageProcessor(size={"height": size, "width": size})
     train_dataset = data_files(config)
     if train_dataset is None:
         train_dataset = world_for(config, ("captions",))["captions"]
-    folder = stage_dir(out, 1)
     collator = SetokPretrainingCollator(
         image_processor, tokenizer, config.data.get("max_phrases", 8), config.data.get("image_folder")
     )
-    trainer = Trainer(
-        model=model, args=training_arguments(config, folder), train_dataset=train_dataset, data_collator=collator
-    )
-    run_trainer(trainer, folder)
+    trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator)
+    run_trainer(trainer, config, folder)
     if trainer.is_world_process_zero():
         trainer.save_model(str(folder))
         image_processor.save_pretrained(str(folder))
@@ -272,7 +278,7 @@ def train_chat_stage(config: StageConfig, out: Path) -> Path:
     trainer = Trainer(
         model=model, args=training_arguments(config, folder), train_dataset=train_dataset, data_collator=collator
     )
-    run_trainer(trainer, folder)
+    run_trainer(trainer, config, folder)
     if trainer.is_world_process_zero():
         final = model.merge_and_unload() if config.lora is not None else model
         final.save_pretrained(str(folder))

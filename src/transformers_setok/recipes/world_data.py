@@ -163,7 +163,10 @@ class SetokPretrainingCollator:
         phrases = [list(example["concepts"])[: self.max_phrases] for example in examples]
         if not all(phrases):
             raise ValueError("every example needs at least one concept phrase")
-        flat = self.tokenizer([phrase for row in phrases for phrase in row], padding=True, return_tensors="pt")
+        # right padding whatever the tokenizer's side: phrase encoders pool the first (BERT, SigLIP) or the EOS token
+        flat = self.tokenizer(
+            [phrase for row in phrases for phrase in row], padding=True, padding_side="right", return_tensors="pt"
+        )
         length = flat.input_ids.shape[1]
         input_ids = torch.full((len(examples), self.max_phrases, length), self.tokenizer.pad_token_id)
         attention_mask = torch.zeros((len(examples), self.max_phrases, length), dtype=torch.long)
