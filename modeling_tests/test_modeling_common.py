@@ -64,10 +64,6 @@ if not torch.cuda.is_available():
 # Real Setokim gaps (issue 11), expected to fail until fixed in src/; remove an entry once its test passes. Check
 # with `pytest --runxfail`: a test whose failing part is a subtest reports XPASS beside its SUBXFAIL.
 KNOWN_FAILURES: dict[str, str] = {
-    "test_causal_lm_loss_honors_shift_labels": (
-        "forward refuses shift_labels (check_forward_kwargs: not in TransformersKwargs), a loss argument every "
-        "causal LM takes; it would have to be expanded like labels"
-    ),
     "test_get_image_features_attentions": (
         "attentions come from the merger (inner + inter layers: 4) while hidden_states come from the vision "
         "encoder (2 layers + 1); the mixin expects the encoder's attentions beside its hidden states"
@@ -219,6 +215,14 @@ class SetokimForConditionalGenerationModelTest(common.ModelTesterMixin, Generati
                     as_dict = model(**prepared, **extra, return_dict=True)
                 with self.subTest(model_class.__name__, return_labels=return_labels, **extra):
                     assert_equivalent(as_tuple, as_dict.to_tuple(), "output")
+
+    def _logits_scored_by_loss(self, model, logits):
+        """The logits the caller's `shift_labels` line up with: each caller position's last expanded one (an image's
+        other positions target the image's next position, which no caller label names)."""
+        config, inputs = self.model_tester.prepare_config_and_inputs_for_common()
+        repeats = torch.where(inputs["input_ids"] == config.image_token_id, NUM_IMAGE_TOKENS, 1)
+        last = repeats.cumsum(dim=1) - 1
+        return logits.gather(1, last[..., None].expand(-1, -1, logits.shape[-1]).to(logits.device))
 
     def reference_next_token_scores(self, model, logits):
         """Text generation never writes the image placeholder (issue 11), so the reference never picks it."""

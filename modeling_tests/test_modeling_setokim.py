@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from transformers_setok import SetokimConfig, SetokimForConditionalGeneration
-from transformers_setok.placeholder_expansion import IGNORE_INDEX
+from transformers_setok.placeholder_expansion import IGNORE_INDEX, expand_image_placeholders
 
 IMAGE = [IMAGE_START_ID, IMAGE_TOKEN_ID, IMAGE_END_ID]
 SPECIAL_IDS = dict(pad_token_id=PAD_ID, bos_token_id=1, eos_token_id=2)
@@ -163,6 +163,57 @@ def test_loss_of_a_left_padded_batch_equals_the_reference(any_setokim: SetokimFo
             targets.append(torch.tensor(expanded_targets(row, num_tokens[at])[1:]))
     manual = F.cross_entropy(torch.cat(logits), torch.cat(targets), ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(out.loss, manual, atol=1e-5, rtol=1e-5)
+
+
+def shifted(labels: torch.Tensor) -> torch.Tensor:
+    """What a causal LM's loss makes of labels: each position's target is the next position's label."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def text_labels(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`ids` as labels, `-100` on padding and on each row's first token (nothing before it predicts it)."""
+    return ids.masked_fill((mask == 0) | (mask.cumsum(dim=1) == 1), IGNORE_INDEX)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("keep_image_labels", [False, True])
+def test_expanded_shift_labels_are_the_expanded_labels_shifted(side: str, keep_image_labels: bool) -> None:
+    ids, mask = padded(ROWS, side)
+    labels = text_labels(ids, mask)
+    expanded = expand_image_placeholders(
+        ids == IMAGE_TOKEN_ID,
+        mask,
+        torch.tensor([3, 1, 4]),
+        labels=labels,
+        shift_labels=shifted(labels),
+        keep_image_labels=keep_image_labels,
+    )
+    assert torch.equal(expanded.shift_labels, shifted(expanded.labels))
+
+
+def test_shift_labels_replace_the_shifted_labels_in_the_loss(tiny_setokim: SetokimForConditionalGeneration) -> None:
+    """As in every causal LM (sequence-parallel training passes them), the loss follows `shift_labels`."""
+    pixels = images(3, seed=6)
+    ids, mask = padded(ROWS)
+    labels = text_labels(ids, mask)
+    inputs = dict(input_ids=ids, pixel_values=pixels, attention_mask=mask)
+    to_next_shard = shifted(labels)
+    to_next_shard[:, -1] = 9  # a shard's last token has a target too: the next shard's first token
+    with torch.no_grad():
+        plain = tiny_setokim(**inputs, labels=labels)
+        given = tiny_setokim(**inputs, labels=torch.full_like(labels, 7), shift_labels=shifted(labels))
+        sharded = tiny_setokim(**inputs, labels=labels, shift_labels=to_next_shard)
+    torch.testing.assert_close(given.loss, plain.loss)
+    assert torch.equal(given.shift_labels, shifted(plain.labels))
+    assert sharded.shift_labels[:, -1].tolist() == [9, 9, 9]
+    assert not torch.isclose(sharded.loss, plain.loss)
+
+
+def test_shift_labels_must_align_with_the_callers_ids(tiny_setokim: SetokimForConditionalGeneration) -> None:
+    ids = torch.tensor([[1, *IMAGE, 5, 6]])
+    expanded_length = torch.zeros(1, 9, dtype=torch.long)
+    with pytest.raises(ValueError, match="shift_labels must align with the caller's input_ids, shape \\(1, 6\\)"):
+        tiny_setokim(input_ids=ids, pixel_values=images(1), labels=ids, shift_labels=expanded_length)
 
 
 def test_loss_on_text_targets_only_and_gradients_reach_projector_and_merger(

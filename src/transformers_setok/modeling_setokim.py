@@ -96,7 +96,8 @@ class SetokimMultimodalInputs(ModelOutput):
     Attributes:
         input_ids: the expanded ids (when ids were given); image positions hold the placeholder id.
         inputs_embeds: the expanded embeddings with the images written in (when embeddings were given).
-        attention_mask, position_ids, labels: of the expanded sequence (labels `-100` on image positions).
+        attention_mask, position_ids, labels, shift_labels: of the expanded sequence (labels `-100` on image
+            positions).
         image_embeds: `(batch, max image tokens per row, text_hidden_size)` each row's image tokens in order, which
             fill the image positions of `input_ids`.
         image_features: what [`SetokimModel.get_image_features`] returned.
@@ -109,6 +110,7 @@ class SetokimMultimodalInputs(ModelOutput):
     attention_mask: torch.LongTensor | None = None
     position_ids: torch.LongTensor | None = None
     labels: torch.LongTensor | None = None
+    shift_labels: torch.LongTensor | None = None
     image_embeds: torch.FloatTensor | None = None
     image_features: SetokimImageFeatures | None = None
     generation_targets: torch.BoolTensor | None = None
@@ -133,6 +135,7 @@ class SetokimModelOutputWithPast(DeprecatedImageFeatures, MultimodalBaseModelOut
             `pixel_values` were given.
         attention_mask: `(batch, expanded_length)` mask of the expanded sequence the states align with.
         labels: expanded labels when labels were given (`-100` on padding and on images the model only reads).
+        shift_labels: the expanded targets, each the label of the next position, when `shift_labels` were given.
         generation_targets: `(num_images,)` which images the labels ask the model to write (with a vision head).
         image_rows: `(num_images,)` the row each image is in.
     """
@@ -140,6 +143,7 @@ class SetokimModelOutputWithPast(DeprecatedImageFeatures, MultimodalBaseModelOut
     image_outputs: SetokimImageFeatures | None = None
     attention_mask: torch.LongTensor | None = None
     labels: torch.LongTensor | None = None
+    shift_labels: torch.LongTensor | None = None
     generation_targets: torch.BoolTensor | None = None
     image_rows: torch.LongTensor | None = None
 
@@ -154,6 +158,7 @@ class SetokimCausalLMOutputWithPast(DeprecatedImageFeatures, MultimodalCausalLMO
             `pixel_values` were given.
         attention_mask: `(batch, expanded_length)` mask of the expanded sequence the logits align with.
         labels: expanded labels when labels were given (`-100` on padding and on images the model only reads).
+        shift_labels: the expanded targets, each the label of the next position, when `shift_labels` were given.
         image_regression_loss: the weighted MSE + cosine loss of the predicted tokens of the images to write
             (already part of `loss`).
         mask_logits: with `target_masks`, the mask decoder's logits of each segmented row's region.
@@ -163,6 +168,7 @@ class SetokimCausalLMOutputWithPast(DeprecatedImageFeatures, MultimodalCausalLMO
     image_outputs: SetokimImageFeatures | None = None
     attention_mask: torch.LongTensor | None = None
     labels: torch.LongTensor | None = None
+    shift_labels: torch.LongTensor | None = None
     image_regression_loss: torch.FloatTensor | None = None
     mask_logits: torch.FloatTensor | None = None
     mask_loss: torch.FloatTensor | None = None
@@ -327,6 +333,7 @@ class SetokimModel(SetokimPreTrainedModel):
         labels: torch.LongTensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         padding_side: str | None = None,
+        shift_labels: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         **clustering: Any,
@@ -344,6 +351,12 @@ class SetokimModel(SetokimPreTrainedModel):
         check_pixel_values(pixel_values, self.config.setok_config.vision_config.num_channels)
         placeholder_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
         check_placeholder_count(placeholder_mask, self.config.image_token_id, len(pixel_values))  # before encoding
+        for name, targets in (("labels", labels), ("shift_labels", shift_labels)):
+            if targets is not None and targets.shape != placeholder_mask.shape:
+                raise ValueError(
+                    f"{name} must align with the caller's input_ids, shape {tuple(placeholder_mask.shape)}, got "
+                    f"{tuple(targets.shape)}; the model expands both"
+                )
         features = self.get_image_features(
             pixel_values,
             output_hidden_states=output_hidden_states,
@@ -359,6 +372,7 @@ class SetokimModel(SetokimPreTrainedModel):
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
             labels=labels,
+            shift_labels=shift_labels,
             pad_token_id=pad_token_id if pad_token_id is not None else 0,
             padding_side=padding_side,
             keep_image_labels=self.config.vision_output_head,
@@ -376,6 +390,7 @@ class SetokimModel(SetokimPreTrainedModel):
             attention_mask=expanded.attention_mask,
             position_ids=expanded.position_ids,
             labels=expanded.labels,
+            shift_labels=expanded.shift_labels,
             image_embeds=image_embeds,
             image_features=features,
             generation_targets=labels[placeholder_mask] != IGNORE_INDEX
@@ -409,6 +424,7 @@ class SetokimModel(SetokimPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         image_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         cluster_threshold: float | None = None,
         min_tokens: int | None = None,
@@ -419,9 +435,10 @@ class SetokimModel(SetokimPreTrainedModel):
         """Run the language model over text with images.
 
         With `pixel_values`, `input_ids` (or `inputs_embeds`) hold one placeholder per image, as the processor
-        writes them, and are expanded here; `labels`, if given, are expanded alongside and returned. Without them,
-        `input_ids` may already be expanded, with `image_embeds` (from `prepare_multimodal_inputs`) filling the
-        image positions. The clustering arguments override the SeTok config for this call.
+        writes them, and are expanded here; `labels` and `shift_labels` (the shifted targets sequence-parallel
+        training passes, aligned with the caller's `input_ids` too), if given, are expanded alongside and returned.
+        Without them, `input_ids` may already be expanded, with `image_embeds` (from `prepare_multimodal_inputs`)
+        filling the image positions. The clustering arguments override the SeTok config for this call.
         """
         check_forward_kwargs(kwargs)
         if (input_ids is None) == (inputs_embeds is None):
@@ -441,13 +458,15 @@ class SetokimModel(SetokimPreTrainedModel):
                 attention_mask,
                 labels,
                 inputs_embeds=inputs_embeds,
+                shift_labels=shift_labels,
                 output_hidden_states=kwargs.get("output_hidden_states"),
                 output_attentions=kwargs.get("output_attentions"),
                 **clustering,
             )
             input_ids, inputs_embeds = prepared.input_ids, prepared.inputs_embeds
             attention_mask, position_ids = prepared.attention_mask, prepared.position_ids
-            labels, image_embeds, image_outputs = prepared.labels, prepared.image_embeds, prepared.image_features
+            labels, shift_labels = prepared.labels, prepared.shift_labels
+            image_embeds, image_outputs = prepared.image_embeds, prepared.image_features
             generation_targets, image_rows = prepared.generation_targets, prepared.image_rows
         else:
             check_clustering_has_images(clustering)
@@ -480,6 +499,7 @@ class SetokimModel(SetokimPreTrainedModel):
             attentions=outputs.attentions,
             attention_mask=attention_mask,
             labels=labels,
+            shift_labels=shift_labels,
             image_outputs=image_outputs,
             generation_targets=generation_targets,
             image_rows=image_rows,
@@ -630,6 +650,7 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.FloatTensor | None = None,
         image_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         cluster_threshold: float | None = None,
@@ -642,7 +663,9 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
     ) -> SetokimCausalLMOutputWithPast:
         """Logits over the expanded sequence, and the training loss when `labels` are given.
 
-        `labels` align with the caller's `input_ids`. The loss is the next-token loss on text; with a vision head,
+        `labels` align with the caller's `input_ids`, and so do `shift_labels` (the already shifted targets that
+        sequence-parallel training passes beside them), which then replace the shifted labels as the text targets,
+        as in every Transformers causal LM. The loss is the next-token loss on text; with a vision head,
         images whose placeholder is labelled (in the answer) are images to write, which adds their stopping and
         token regression; with `target_masks` (`(rows, height, width)`, one per row of `target_mask_rows`, all rows
         by default), each such row's written image is the referred region, and the mask decoder's BCE + Dice
@@ -657,6 +680,7 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             image_embeds=image_embeds,
             labels=labels,
+            shift_labels=shift_labels,
             use_cache=use_cache,
             cluster_threshold=cluster_threshold,
             min_tokens=min_tokens,
@@ -673,7 +697,13 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states)
         loss = regression_loss = None
         if outputs.labels is not None:
-            loss = self.loss_function(logits, outputs.labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+            loss = self.loss_function(
+                logits,
+                outputs.labels,
+                vocab_size=self.config.text_config.vocab_size,
+                shift_labels=outputs.shift_labels,
+                **kwargs,
+            )
             if outputs.generation_targets is not None and bool(outputs.generation_targets.any()):
                 regression_loss = self.image_regression_loss(outputs)
                 loss = loss + regression_loss
@@ -693,6 +723,7 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             attention_mask=outputs.attention_mask,
             labels=outputs.labels,
+            shift_labels=outputs.shift_labels,
             image_outputs=outputs.image_outputs,
             image_regression_loss=regression_loss,
             mask_logits=mask_logits,

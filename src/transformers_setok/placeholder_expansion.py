@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from torch.nn import functional as F
 
 IGNORE_INDEX = -100
 
@@ -19,8 +20,8 @@ IGNORE_INDEX = -100
 class ExpandedInputs:
     """Text inputs after expansion: every placeholder became `num_tokens` image positions.
 
-    `input_ids`, `inputs_embeds` and `labels` are expanded when they were given (`None` otherwise); image
-    positions repeat the placeholder's id or embedding until the image tokens are written in.
+    `input_ids`, `inputs_embeds`, `labels` and `shift_labels` are expanded when they were given (`None`
+    otherwise); image positions repeat the placeholder's id or embedding until the image tokens are written in.
     """
 
     attention_mask: torch.LongTensor
@@ -29,6 +30,7 @@ class ExpandedInputs:
     input_ids: torch.LongTensor | None = None
     inputs_embeds: torch.Tensor | None = None
     labels: torch.LongTensor | None = None
+    shift_labels: torch.LongTensor | None = None
 
 
 def pack_rows(
@@ -66,6 +68,7 @@ def expand_image_placeholders(
     input_ids: torch.LongTensor | None = None,
     inputs_embeds: torch.Tensor | None = None,
     labels: torch.LongTensor | None = None,
+    shift_labels: torch.LongTensor | None = None,
     pad_token_id: int = 0,
     padding_side: Literal["left", "right"] | None = None,
     keep_image_labels: bool = False,
@@ -75,7 +78,9 @@ def expand_image_placeholders(
     Padding is dropped and rebuilt on `padding_side` (by default the side the input was padded on, right if
     none); position ids count attended tokens only, so a left-padded row gets the same positions as the same
     row alone. Labels get `-100` on image positions, unless `keep_image_labels`: then a labelled placeholder (an
-    image the model is to write) repeats its label on each of its positions.
+    image the model is to write) repeats its label on each of its positions. `shift_labels` (each position's
+    target, the label of the token after it, as sequence-parallel training passes them) become the targets of
+    the expanded sequence, exactly as the expanded `labels` shifted by one would be.
     """
     if placeholder_mask.dim() != 2:
         raise ValueError(f"input_ids must be (batch, sequence), got shape {tuple(placeholder_mask.shape)}")
@@ -103,7 +108,41 @@ def expand_image_placeholders(
         labels=None
         if labels is None
         else expand(labels if keep_image_labels else labels.masked_fill(placeholder_mask, IGNORE_INDEX), IGNORE_INDEX),
+        shift_labels=None
+        if shift_labels is None
+        else pack_rows(
+            expand_shift_labels(shift_labels, placeholder_mask, flat_repeats, keep_image_labels),
+            rows,
+            batch_size,
+            IGNORE_INDEX,
+            padding_side,
+        )[0],
     )
+
+
+def expand_shift_labels(
+    shift_labels: torch.LongTensor,
+    placeholder_mask: torch.BoolTensor,
+    flat_repeats: torch.LongTensor,
+    keep_image_labels: bool,
+) -> torch.LongTensor:
+    """The targets of the expanded positions, row-major, from those of the caller's (`shift_labels[:, i]` is the
+    label of token `i + 1`).
+
+    A position's own target goes on the last position it expands to; an image's other positions target the
+    image's next position, whose label is the placeholder's (`shift_labels` of the position before it). Labels
+    on placeholders follow the `labels` rule: `-100` unless `keep_image_labels`.
+    """
+    placeholder_label = F.pad(shift_labels[:, :-1], (1, 0), value=IGNORE_INDEX)
+    if not keep_image_labels:
+        targets_a_placeholder = F.pad(placeholder_mask[:, 1:], (0, 1), value=False)
+        shift_labels = shift_labels.masked_fill(targets_a_placeholder, IGNORE_INDEX)
+        placeholder_label = torch.full_like(placeholder_label, IGNORE_INDEX)
+    own = shift_labels.flatten().repeat_interleave(flat_repeats)
+    inside = placeholder_label.flatten().repeat_interleave(flat_repeats)
+    is_last = torch.zeros_like(own, dtype=torch.bool)
+    is_last[flat_repeats.cumsum(0)[flat_repeats > 0] - 1] = True
+    return torch.where(is_last, own, inside)
 
 
 def pack_image_embeds(
