@@ -264,3 +264,14 @@ def test_bfloat16_model_runs_and_clusters_in_float32() -> None:
     features = out.patch_features + sincos_position_code(8, 8, 32, torch.bfloat16, torch.device("cpu"))
     as_float = density_peak_clustering(features.float(), k=5, threshold=0.3)
     assert torch.equal(out.assignment, as_float.assignment), "bf16 features cluster as their float32 values do"
+
+
+def test_the_encoders_own_size_may_leave_edge_pixels_out() -> None:
+    """SigLIP so400m-patch14-384 reads 27x27 patches of 14 pixels from its 384x384 input, dropping 6 at the edges."""
+    torch.manual_seed(0)
+    setok = SetokModel(
+        tiny_setok_config(vision_config={**tiny_setok_config().vision_config.to_dict(), "image_size": 68})
+    )
+    with torch.no_grad():
+        out = setok.eval()(torch.randn(1, 3, 68, 68))
+    assert out.grid_size == (8, 8) and out.patch_features.shape[1] == 64

@@ -279,13 +279,14 @@ class SetokModel(SetokPreTrainedModel):
         check_pixel_values(pixel_values, vision_config.num_channels)
         patch_size = vision_config.patch_size
         height, width = pixel_values.shape[-2:]
-        if height % patch_size or width % patch_size:
+        native_size = (vision_config.image_size, vision_config.image_size)
+        # at its own size an encoder may leave edge pixels out (so400m-patch14-384: 27 patches of 14 in 384)
+        if (height, width) != native_size and (height % patch_size or width % patch_size):
             raise ValueError(
                 f"pixel_values of size {(height, width)} do not split into {patch_size}x{patch_size} patches; "
                 f"resize images to multiples of {patch_size} (the image processor does this)"
             )
         encoder_kwargs = {}
-        native_size = (vision_config.image_size, vision_config.image_size)
         if (height, width) != native_size and (
             "interpolate_pos_encoding" in inspect.signature(self.vision_model.forward).parameters
         ):
