@@ -17,7 +17,8 @@ class SetokConfig(PreTrainedConfig):
         vision_config (`dict` or `PretrainedConfig`, *optional*):
             Config of any Hugging Face vision model; SigLIP so400m-patch14-384 sizes by default.
         vision_feature_layer (`int`, *optional*, defaults to -2):
-            Hidden-state index the patch features are taken from (the paper uses the second-to-last layer).
+            Hidden-state index the patch features are taken from (the paper uses the second-to-last layer). The
+            encoder's later layers and pooling head do not run (their weights stay in the checkpoint).
         vision_feature_select_strategy (`str`, *optional*, defaults to `"full"`):
             `"full"` keeps every token of that layer; `"default"` drops the first one (a CLS token, as in CLIP).
         cluster_k (`int`, *optional*, defaults to 5):
