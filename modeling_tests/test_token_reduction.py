@@ -186,6 +186,8 @@ def test_inconsistent_inputs_are_refused_naming_the_argument() -> None:
 
     with pytest.raises(ValueError, match=r"image_embeds must be \(num_images, max_tokens, width\)"):
         reduce(image_embeds=image_embeds[0])
+    with pytest.raises(ValueError, match=r"image_embeds holds no image"):
+        reduce(image_embeds=image_embeds[:0], token_mask=token_mask[:0], image_rows=rows[:0])
     with pytest.raises(ValueError, match=r"token_mask must be \(5, 9\)"):
         reduce(token_mask=token_mask[:, :8])
     with pytest.raises(ValueError, match=r"text_embeds must be \(batch, seq_len, 6\)"):

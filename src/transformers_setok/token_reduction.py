@@ -67,6 +67,8 @@ def check_reduction_inputs(
         raise ValueError(
             f"image_embeds must be (num_images, max_tokens, width), got shape {tuple(image_embeds.shape)}"
         )
+    if image_embeds.shape[0] == 0:
+        raise ValueError("image_embeds holds no image (num_images 0)")
     if token_mask.shape != image_embeds.shape[:2]:
         raise ValueError(
             f"token_mask must be {tuple(image_embeds.shape[:2])} like image_embeds' first two dimensions, "
@@ -95,7 +97,7 @@ def check_reduction_inputs(
             f"image_rows must be an integer tensor of shape ({num_images},), one text row per image, "
             f"got {image_rows.dtype} of shape {tuple(image_rows.shape)}"
         )
-    elif num_images and not 0 <= int(image_rows.min()) <= int(image_rows.max()) < batch_size:
+    elif not 0 <= int(image_rows.min()) <= int(image_rows.max()) < batch_size:
         raise ValueError(f"image_rows must index the {batch_size} rows of text_embeds, got {image_rows.tolist()}")
     empty_images = (~token_mask.any(dim=1)).nonzero().flatten().tolist()
     if empty_images:
