@@ -4,6 +4,7 @@
     setok train --stage 1 --out runs/tiny                   # one stage; it resumes from its newest checkpoint
     setok train --stage 2 --recipe my-recipe/ --out runs/x  # a folder of stage1.yaml, stage2.yaml, stage3.yaml
     torchrun --nproc_per_node 2 -m transformers_setok.cli train --stage 1 --out runs/tiny
+    setok train --dry-run --all --recipe paper --accelerate-config zero2 --out runs/paper   # sizes, no training
 
 The final model (stage 3) is `<out>/stage3`: a Setokim checkpoint with its processor, for `from_pretrained`,
 `setok evaluate` and `setok demo`.
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from transformers.utils import logging
 
+from ..recipes.dry_run import dry_run, format_report
 from ..recipes.recipe import STAGES, StageConfig, stage_config_path, train_stage
 from .errors import failure_for
 
@@ -35,7 +37,24 @@ def stage_configs(args: argparse.Namespace) -> list[StageConfig]:
         fail(str(error))
 
 
+def plan(args: argparse.Namespace) -> int:
+    """`--dry-run`: print what each stage would build and train, having downloaded and trained nothing."""
+    try:
+        plans = dry_run(args.recipe, STAGES if args.all else (args.stage,), args.out, args.accelerate_config)
+    except (OSError, ValueError, TypeError) as error:
+        fail(str(error))
+    print(format_report(plans))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        return plan(args)
+    if args.accelerate_config is not None:
+        fail(
+            "--accelerate-config is checked by --dry-run; to train with it, launch this command with "
+            "`accelerate launch --config_file FILE -m transformers_setok.cli train ...`"
+        )
     configs = stage_configs(args)
     logging.set_verbosity_info()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -65,4 +84,15 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="a shipped recipe ('tiny', 'paper') or a folder of stage<N>.yaml files (default: %(default)s)",
     )
     parser.add_argument("--out", type=Path, required=True, help="run folder: tokenizer/, stage1/, stage2/, stage3/")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build each stage's models on the meta device and its TrainingArguments, print parameters per part, "
+        "batch and steps; download and train nothing",
+    )
+    parser.add_argument(
+        "--accelerate-config",
+        help="with --dry-run: an `accelerate launch` config to check against each stage, a file or a shipped one "
+        "('fsdp', 'zero2', 'multi_cpu')",
+    )
     parser.set_defaults(handler=run)
