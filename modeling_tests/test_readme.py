@@ -43,7 +43,7 @@ def test_first_example_runs_on_the_bundled_samples(
 
 def test_set_up_commands_are_kept() -> None:
     text = README.read_text()
-    assert "\npip install torch==2.13.0 && pip install -e . && setok tokenize --out overlays/\n" in text
+    assert "\npip install torch==2.13.0 && pip install -e . && setok demo\n" in text
     test_line = 'pip install torch==2.13.0 && pip install -e ".[dev]" && python -m pytest modeling_tests -q'
     # .ci/run takes the first line that starts with `pip install` and runs `pytest modeling_tests`.
     commands = [line for line in text.splitlines() if re.match(r"^pip install .* pytest modeling_tests", line)]
