@@ -14,6 +14,7 @@ from conftest import IMAGE_END_ID, IMAGE_START_ID, IMAGE_TOKEN_ID, PAD_ID, rando
 from conftest import random_pixel_values as images
 from torch.nn import functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.utils import find_labels
 
 from transformers_setok import SetokimConfig, SetokimForConditionalGeneration
 from transformers_setok.placeholder_expansion import IGNORE_INDEX, expand_image_placeholders
@@ -207,6 +208,12 @@ def test_shift_labels_replace_the_shifted_labels_in_the_loss(tiny_setokim: Setok
     assert torch.equal(given.shift_labels, shifted(plain.labels))
     assert sharded.shift_labels[:, -1].tolist() == [9, 9, 9]
     assert not torch.isclose(sharded.loss, plain.loss)
+
+
+def test_trainer_finds_labels_alone_as_the_label_argument() -> None:
+    """`shift_labels` travel in `**kwargs` as in every causal LM: were it a named argument, `Trainer` would count it
+    among the labels and, not finding it in a batch, evaluate without a loss."""
+    assert find_labels(SetokimForConditionalGeneration) == ["labels"]
 
 
 def test_shift_labels_must_align_with_the_callers_ids(tiny_setokim: SetokimForConditionalGeneration) -> None:

@@ -650,7 +650,6 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.FloatTensor | None = None,
         image_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
-        shift_labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         cluster_threshold: float | None = None,
@@ -663,14 +662,16 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
     ) -> SetokimCausalLMOutputWithPast:
         """Logits over the expanded sequence, and the training loss when `labels` are given.
 
-        `labels` align with the caller's `input_ids`, and so do `shift_labels` (the already shifted targets that
-        sequence-parallel training passes beside them), which then replace the shifted labels as the text targets,
-        as in every Transformers causal LM. The loss is the next-token loss on text; with a vision head,
+        `labels` align with the caller's `input_ids`, and so does a `shift_labels` keyword argument (the already
+        shifted targets that sequence-parallel training passes beside them), which then replaces the shifted labels
+        as the text targets. As in every Transformers causal LM it travels in `kwargs`, so `Trainer` still finds
+        `labels` alone as the label argument. The loss is the next-token loss on text; with a vision head,
         images whose placeholder is labelled (in the answer) are images to write, which adds their stopping and
         token regression; with `target_masks` (`(rows, height, width)`, one per row of `target_mask_rows`, all rows
         by default), each such row's written image is the referred region, and the mask decoder's BCE + Dice
         against the mask is added too.
         """
+        shift_labels = kwargs.pop("shift_labels", None)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
