@@ -56,6 +56,13 @@ def open_image(command: str, path: Path) -> Image.Image:
         fail(command, f"cannot read {path} as an image ({error})")
 
 
+def mask_overlay(image: Image.Image, mask: np.ndarray) -> Image.Image:
+    """`image` with the `(height, width)` boolean `mask` tinted in `MASK_COLOUR`."""
+    pixels = np.asarray(image.convert("RGB")).astype(np.float32)
+    pixels[mask] = 0.45 * pixels[mask] + 0.55 * np.array(MASK_COLOUR)
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
 def draw(args: argparse.Namespace) -> int:
     """`generate` and `edit`: one image drawn from the prompt (and the input image, when editing)."""
     command = "edit" if args.image is not None else "generate"
@@ -89,11 +96,9 @@ def segment(args: argparse.Namespace) -> int:
     except ValueError as error:
         fail("segment", str(error))
     mask = processor.post_process_masks(out, target_sizes=[(image.height, image.width)])[0].numpy()
-    pixels = np.asarray(image).astype(np.float32)
-    pixels[mask] = 0.45 * pixels[mask] + 0.55 * np.array(MASK_COLOUR)
     args.out.mkdir(parents=True, exist_ok=True)
     target = args.out / f"{args.image.stem}_mask.png"
-    Image.fromarray(pixels.astype(np.uint8)).save(target)
+    mask_overlay(image, mask).save(target)
     found = (
         f"{int(out.num_tokens[0])} region tokens, {int(mask.sum())} pixels"
         if bool(out.region_found[0])
