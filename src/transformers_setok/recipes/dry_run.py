@@ -418,7 +418,7 @@ def count_examples(config: StageConfig, path: Path) -> tuple[int | None, str]:
                         f"{path}: data.train_files: {name} holds a JSON {type(records).__name__}, not a list"
                     )
                 count += len(records)
-    return count, f"data.train_files, {len(files)} files"
+    return count, f"data.train_files, {plural(len(files), 'file', 'files')}"
 
 
 def check_launch(
@@ -546,6 +546,10 @@ def display_path(path: Path) -> str:
         return str(path)
 
 
+def plural(count: float, one: str, many: str) -> str:
+    return f"{count:g} {one if count == 1 else many}"
+
+
 def format_report(plans: Sequence[StagePlan]) -> str:
     """The dry run's report: per stage, its parameters per part, batch, steps, precision and launcher."""
     lines = []
@@ -557,9 +561,9 @@ def format_report(plans: Sequence[StagePlan]) -> str:
             lines.append(f"  {name:<20}{size.trainable:>15,}{size.frozen:>16,}")
         lines.append(
             f"  batch: {args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} "
-            f"accumulated x {plan.world_size} processes = {plan.global_batch_size}"
+            f"accumulated x {plural(plan.world_size, 'process', 'processes')} = {plan.global_batch_size}"
         )
-        epochs = f"{args.num_train_epochs:g} epoch{'' if args.num_train_epochs == 1 else 's'}"
+        epochs = plural(args.num_train_epochs, "epoch", "epochs")
         if args.max_steps > 0:
             lines.append(f"  steps: {plan.steps} (max_steps)")
         elif plan.steps is not None:
@@ -571,10 +575,9 @@ def format_report(plans: Sequence[StagePlan]) -> str:
         lines.append(f"  precision: {precision}, learning rate {args.learning_rate:g}, {args.lr_scheduler_type.value}")
         if plan.launch is not None:
             launch = plan.launch
-            lines.append(
-                f"  launch: {display_path(launch.path)}: {launch.sharding}; {launch.num_processes} processes on "
-                f"{launch.num_machines} machine{'s' if launch.num_machines > 1 else ''}"
-            )
+            processes = plural(launch.num_processes, "process", "processes")
+            machines = plural(launch.num_machines, "machine", "machines")
+            lines.append(f"  launch: {display_path(launch.path)}: {launch.sharding}; {processes} on {machines}")
             lines += [f"  note: {note}" for note in launch.notes]
     return "\n".join(lines)
 
