@@ -340,6 +340,30 @@ def test_launcher_configs_that_do_not_fit_a_stage_are_refused(recipe, stage, nam
         dry_run(recipe, [stage], tmp_path / "run", launcher_copy(tmp_path, name, change))
 
 
+def test_a_deepspeed_json_file_is_read_without_deepspeed(tmp_path: Path) -> None:
+    # the official scripts/zero2.json: every batch and precision setting "auto"
+    official = {
+        "fp16": {"enabled": "auto", "loss_scale": 0, "initial_scale_power": 16},
+        "bf16": {"enabled": "auto"},
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True},
+    }
+    file = tmp_path / "zero2.json"
+    file.write_text(json.dumps(official))
+    launcher = launcher_copy(
+        tmp_path, "zero2", setting("deepspeed_config", value={"deepspeed_config_file": str(file)})
+    )
+    (plan,) = dry_run("paper", [1], tmp_path / "run", launcher)
+    assert (plan.launch.sharding, plan.global_batch_size) == ("DeepSpeed ZeRO-2", 24 * 8)
+    file.write_text(json.dumps({**official, "bf16": {"enabled": False}, "train_micro_batch_size_per_gpu": 16}))
+    with pytest.raises(
+        ValueError, match=r"bf16\.enabled is False but training\.bf16 is True; .*micro_batch_size_per_gpu is 16"
+    ):
+        dry_run("paper", [1], tmp_path / "run", launcher)
+
+
 def test_setok_train_dry_run_prints_the_report_or_one_line_error(tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     assert main(["train", "--dry-run", "--stage", "1", "--accelerate-config", "multi_cpu", "--out", str(out)]) == 0
