@@ -86,7 +86,7 @@ def verdict(correct: bool, text: str) -> str:
 def add_questions(report: Report, result: TaskResult) -> str:
     figures = []
     for index, example in enumerate(result.examples):
-        correct = example["prediction"] == example["answer"]
+        correct = example["correct"]
         caption = f"{html.escape(example['question'])}<br>" + verdict(
             correct, f"{example['prediction']!r}" + ("" if correct else f" (truth: {example['answer']!r})")
         )
