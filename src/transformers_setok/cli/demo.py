@@ -15,7 +15,6 @@ import html
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from ..recipes.evaluation import (
@@ -100,12 +99,9 @@ def add_questions(report: Report, result: TaskResult) -> str:
 def add_segmentation(report: Report, result: TaskResult) -> str:
     figures = []
     for index, example in enumerate(result.examples):
-        union = np.logical_or(example["mask"], example["prediction"]).sum()
-        iou = float(np.logical_and(example["mask"], example["prediction"]).sum() / max(union, 1))
         picture = mask_overlay(example["image"], example["prediction"])
-        figures.append(
-            (report.image(picture, f"segment_{index}"), f"{html.escape(example['expression'])}<br>IoU {iou:.2f}")
-        )
+        caption = f"{html.escape(example['expression'])}<br>IoU {example['iou']:.2f}"
+        figures.append((report.image(picture, f"segment_{index}"), caption))
     summary = f"gIoU {result.metrics['giou']:.2f} over {len(result.examples)} referring expressions"
     report.section("Referring segmentation", summary, figures)
     return summary

@@ -87,7 +87,9 @@ def answer_questions(
 def segment_expressions(
     model: SetokimForConditionalGeneration, processor: SetokimProcessor, records: Sequence[Mapping], batch_size: int
 ) -> TaskResult:
-    """Masks of the referred objects (`segment`), against the true masks: gIoU and cIoU."""
+    """Masks of the referred objects (`segment`), against the true masks: gIoU and cIoU, and each mask's IoU."""
+    from ..metrics.referring_iou.referring_iou import iou, overlap  # imports `evaluate`: only when used
+
     examples = []
     for batch in batches(records, batch_size, "referring"):
         images = [r["image"] for r in batch]
@@ -97,11 +99,13 @@ def segment_expressions(
         )
         masks = processor.post_process_masks(out, [image.size[::-1] for image in images])
         for record, mask in zip(batch, masks):
+            truth, prediction = np.asarray(record["mask"], dtype=bool), mask.cpu().numpy()
             examples.append(
                 {
                     **{k: record[k] for k in ("image", "expression")},
-                    "mask": np.asarray(record["mask"], dtype=bool),
-                    "prediction": mask.cpu().numpy(),
+                    "mask": truth,
+                    "prediction": prediction,
+                    "iou": iou(*overlap(prediction, truth)),
                 }
             )
     metric = load_metric("referring_iou")

@@ -12,6 +12,17 @@ import evaluate
 import numpy as np
 
 
+def overlap(prediction, reference) -> tuple[int, int]:
+    """Intersection and union, in pixels, of two masks of the same shape."""
+    prediction, reference = np.asarray(prediction, dtype=bool), np.asarray(reference, dtype=bool)
+    return int((prediction & reference).sum()), int((prediction | reference).sum())
+
+
+def iou(intersection: int, union: int) -> float:
+    """One image's IoU; an empty prediction for an empty reference is a perfect answer."""
+    return intersection / union if union else 1.0
+
+
 class ReferringIou(evaluate.Metric):
     def _info(self):
         mask = datasets.Sequence(datasets.Sequence(datasets.Value("bool")))
@@ -32,9 +43,10 @@ class ReferringIou(evaluate.Metric):
                 raise ValueError(
                     f"`predictions[{index}]` has shape {prediction.shape} but its reference {reference.shape}"
                 )
-            intersections.append(int((prediction & reference).sum()))
-            unions.append(int((prediction | reference).sum()))
-        per_image = [inter / union if union else 1.0 for inter, union in zip(intersections, unions)]
+            intersection, union = overlap(prediction, reference)
+            intersections.append(intersection)
+            unions.append(union)
+        per_image = [iou(inter, union) for inter, union in zip(intersections, unions)]
         total_union = sum(unions)
         return {
             "giou": float(np.mean(per_image)),
