@@ -407,7 +407,7 @@ def summarize(subject: Subject, new_tokens: int) -> dict[str, Any]:
         raise RuntimeError(f"{subject.name}: generate returned {generated} new tokens, expected {new_tokens}")
     output = subject.results["prefill"]
     vision_tokens = (
-        int(output.image_features.num_tokens.sum())
+        int(output.image_outputs.num_tokens.sum())
         if isinstance(subject.model, SetokimForConditionalGeneration)
         else int((input_ids == IMAGE_TOKEN_ID).sum())
     )

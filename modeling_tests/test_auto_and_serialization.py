@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 from pathlib import Path
 
+import pytest
 import torch
-from conftest import randomize_weights, run_without_plugin, tiny_setok_config
-from transformers import AutoConfig, AutoImageProcessor, AutoModel
+from conftest import randomize_weights, run_without_plugin, tiny_setok_config, tiny_setokim_config
+from pretraining_fixtures import tiny_pretraining_config
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, PreTrainedModel
 
-from transformers_setok import SetokConfig, SetokImageProcessor, SetokModel
+from transformers_setok import (
+    SetokConfig,
+    SetokForPreTraining,
+    SetokImageProcessor,
+    SetokimForConditionalGeneration,
+    SetokModel,
+)
 
 
 def save_tiny_setok(folder: Path) -> tuple[SetokModel, torch.Tensor]:
@@ -90,3 +100,40 @@ def test_trust_remote_code_loads_without_the_plugin(tmp_path: Path) -> None:
         local = model(pixels, min_tokens=4)  # several tokens per image, so attention and pooling take part
     assert torch.equal(remote["assignment"], local.assignment)
     torch.testing.assert_close(remote["tokens"], local.tokens, atol=1e-6, rtol=0)
+
+
+@contextlib.contextmanager
+def seeded_weight_init(seed: int = 42):
+    """Every weight initialisation pass starts from `seed`, so the constructor and `from_pretrained` draw alike."""
+    original = PreTrainedModel._initialize_weights
+
+    def seeded(*args, **kwargs):
+        torch.manual_seed(seed)
+        original(*args, **kwargs)
+
+    PreTrainedModel._initialize_weights = seeded
+    try:
+        yield
+    finally:
+        PreTrainedModel._initialize_weights = original
+
+
+@pytest.mark.parametrize(
+    "model_class, config",
+    [
+        (SetokModel, tiny_setok_config()),
+        (SetokForPreTraining, tiny_pretraining_config()),
+        (SetokimForConditionalGeneration, tiny_setokim_config()),
+    ],
+    ids=["setok", "pretraining", "setokim"],
+)
+def test_from_pretrained_initialises_missing_weights_as_the_constructor_does(model_class, config) -> None:
+    """Weights a checkpoint lacks (here all of them) are drawn as the constructor draws them, the vision encoder's
+    module-level inits (SigLIP's attention and MLP) included, not left to PyTorch's defaults."""
+    with seeded_weight_init():
+        constructed = model_class(copy.deepcopy(config))
+        loaded = model_class.from_pretrained(None, config=copy.deepcopy(config), state_dict={})
+    expected, actual = constructed.state_dict(), loaded.state_dict()
+    assert sorted(actual) == sorted(expected)
+    different = [name for name, value in expected.items() if not torch.equal(actual[name], value)]
+    assert different == []

@@ -46,19 +46,12 @@ NUM_IMAGE_TOKENS = 4
 TEXT_LENGTH = 7  # `[Img] <image> [/Img]` and four text tokens
 
 # Keys are test names, or patterns over the cases `parameterized` expands a test into.
-# Tests that cannot apply to run-time placeholder expansion, that need hardware this machine lacks, or that wait on
-# a change in another module (the reason names it).
+# Tests that cannot apply to run-time placeholder expansion, or that need hardware this machine lacks.
 SKIPS: dict[str, str] = {
     "test_model_rope_scaling_from_config": (
         "feeds random ids over the whole vocabulary as text without pixel_values; they include the image "
         "placeholder, which Setokim rejects without its image (by design: nothing is silently ignored). RoPE "
         "scaling lives in the language model, whose own tests cover it"
-    ),
-    "test_get_image_features_attentions": (
-        "waits on SetokModel (modeling_setok.py): its `attentions` are the merger's (inner + inter layers) beside the "
-        "vision encoder's `hidden_states`, and it never asks the encoder for attentions. The contract the mixin "
-        "checks, and Setokim's image features are to keep, is one stack for both: the encoder's attentions (one per "
-        "encoder layer) in `attentions`, the merger's in a field of their own"
     ),
 }
 if not torch.cuda.is_available():

@@ -16,7 +16,7 @@ from conftest import (
 from conftest import random_pixel_values as images
 from transformers.generation import BaseStreamer
 
-from transformers_setok import SetokimForConditionalGeneration, SetokModel
+from transformers_setok import SetokimForConditionalGeneration, SetokimModel, SetokModel
 
 IMAGE = [IMAGE_START_ID, IMAGE_TOKEN_ID, IMAGE_END_ID]
 
@@ -268,15 +268,42 @@ def test_eager_merger_returns_attention_restricted_to_each_cluster() -> None:
     with torch.no_grad():
         out = setok(images(2), output_attentions=True)
     inner_layers = setok.config.inner_layers
-    assert len(out.attentions) == inner_layers + setok.config.inter_layers
+    assert len(out.merger_attentions) == inner_layers + setok.config.inter_layers
     same_cluster = out.assignment[:, :, None] == out.assignment[:, None, :]
-    for weights in out.attentions[:inner_layers]:
+    for weights in out.merger_attentions[:inner_layers]:
         torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]))
         assert float(weights.masked_select(~same_cluster[:, None]).abs().max()) == 0.0
         assert float(weights.masked_select(same_cluster[:, None]).min()) > 0.0
-    for weights in out.attentions[inner_layers:]:
+    for weights in out.merger_attentions[inner_layers:]:
         padding = ~out.token_mask[:, None, None, :]
         assert float((weights * padding).abs().sum()) == 0.0
+
+
+def test_attentions_are_the_encoders_and_the_merger_has_its_own() -> None:
+    """`attentions` are the vision encoder's, one per layer, as its own forward gives them; asking for them runs
+    the whole encoder but leaves the tokens as they are."""
+    torch.manual_seed(0)
+    setok = SetokModel(tiny_setok_config(cluster_threshold=0.05, vision_feature_layer=-2)).eval()
+    setok.set_attn_implementation("eager")
+    pixel_values = images(2)
+    with torch.no_grad():
+        plain = setok(pixel_values)
+        out = setok(pixel_values, output_attentions=True)
+        encoder = setok.vision_model(pixel_values=pixel_values, output_attentions=True)
+        features = SetokimModel(tiny_setokim_config(setok_config=setok.config)).eval()
+        features.setok.load_state_dict(setok.state_dict())
+        features.set_attn_implementation("eager")
+        image_features = features.get_image_features(pixel_values, output_attentions=True)
+    assert plain.attentions is None and plain.merger_attentions is None
+    assert len(out.attentions) == setok.config.vision_config.num_hidden_layers
+    for ours, reference in zip(out.attentions, encoder.attentions, strict=True):
+        torch.testing.assert_close(ours, reference, atol=0, rtol=0)
+    torch.testing.assert_close(out.tokens, plain.tokens, atol=0, rtol=0)
+    assert len(out.merger_attentions) == setok.config.inner_layers + setok.config.inter_layers
+    for ours, reference in zip(image_features.attentions, encoder.attentions, strict=True):
+        torch.testing.assert_close(ours, reference, atol=0, rtol=0)
+    for ours, reference in zip(image_features.merger_attentions, out.merger_attentions, strict=True):
+        torch.testing.assert_close(ours, reference, atol=0, rtol=0)
 
 
 def test_a_placeholder_embedding_shared_with_its_wrappers_is_refused(model: SetokimForConditionalGeneration) -> None:

@@ -13,6 +13,7 @@ import torch
 from conftest import run_without_plugin
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+import transformers_setok
 from transformers_setok import SetokimForConditionalGeneration, SetokimProcessor, shapes_world
 from transformers_setok.cli.demo import SHIPPED_MODEL
 from transformers_setok.recipes.evaluation import answer_questions, count_tokens, segment_expressions
@@ -47,6 +48,15 @@ def test_it_fits_in_25_mb_and_its_card_reports_the_held_out_metrics() -> None:
     assert evaluation["seed"] == 1 and "setok train --all --out runs/tiny" in card
     for task, metric, _ in TARGETS:
         assert f"value: {evaluation['metrics'][task][metric]}" in card  # in the Hub's model-index metadata
+
+
+def test_its_remote_code_is_the_packages_code() -> None:
+    """The modules `trust_remote_code` loads are the package's own, so users without the plugin get its fixes."""
+    package = Path(transformers_setok.__file__).parent
+    stale = [
+        path.name for path in SHIPPED_MODEL.glob("*.py") if path.read_bytes() != (package / path.name).read_bytes()
+    ]
+    assert stale == [], f"copy these from {package} into {SHIPPED_MODEL}"
 
 
 def test_it_loads_through_the_auto_classes(shipped) -> None:

@@ -12,7 +12,7 @@ from transformers.utils import ModelOutput
 
 from .concept_contrastive import SetokConceptHead
 from .configuration_setok_pretraining import SetokForPreTrainingConfig
-from .modeling_setok import SetokModel
+from .modeling_setok import NativePartsInitialization, SetokModel
 from .modeling_setok_detokenizer import SetokDetokenizer
 
 
@@ -36,7 +36,7 @@ class SetokForPreTrainingOutput(ModelOutput):
     num_tokens: torch.LongTensor | None = None
 
 
-class SetokForPreTraining(PreTrainedModel):
+class SetokForPreTraining(NativePartsInitialization, PreTrainedModel):
     """The SeTok tokenizer trained with its detokenizer and a concept head, as one `Trainer`-ready checkpoint.
 
     The detokenizer is an ordinary submodule built from `config.detokenizer_config`, so one `from_pretrained`

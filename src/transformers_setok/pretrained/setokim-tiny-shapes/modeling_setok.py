@@ -35,8 +35,11 @@ class SetokModelOutput(ModelOutput):
         patch_features: `(batch, num_patches, vision_hidden_size)` encoder features the tokens were built from.
         grid_size: `(height, width)` of the patch grid, so `assignment.view(batch, *grid_size)` is a label map.
         hidden_states: with `output_hidden_states=True`, every hidden state of the vision encoder.
-        attentions: with `output_attentions=True`, the merger's attention weights `(batch, heads, query, key)`,
-            inner layers first, then inter layers (`None` entries where the kernel gives no weights: use eager).
+        attentions: with `output_attentions=True`, the vision encoder's attention weights, one per encoder layer (as
+            every Transformers vision model returns them beside its hidden states).
+        merger_attentions: with `output_attentions=True`, the token merger's attention weights
+            `(batch, heads, query, key)`, inner layers first, then inter layers (`None` entries where the kernel gives
+            no weights: use eager).
     """
 
     tokens: torch.FloatTensor | None = None
@@ -49,6 +52,7 @@ class SetokModelOutput(ModelOutput):
     grid_size: tuple[int, int] | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor | None, ...] | None = None
+    merger_attentions: tuple[torch.FloatTensor | None, ...] | None = None
 
 
 CLUSTERING_ARGUMENTS = ("cluster_threshold", "min_tokens", "max_tokens", "cluster_k")
@@ -227,7 +231,24 @@ class SetokTokenMerger(nn.Module):
         return tokens * token_mask[..., None].to(tokens.dtype), inner_weights + inter_weights
 
 
-class SetokPreTrainedModel(PreTrainedModel):
+class NativePartsInitialization:
+    """Initialises the native Transformers models inside a plugin model (vision encoder, language model) as native
+    code.
+
+    Transformers initialises a plugin model as custom code, skipping every module without parameters of its own,
+    and hands that mode down to the native models inside it, whose module-level inits (SigLIP's attention and MLP
+    set their layers) would then be skipped: `from_pretrained` would fill missing weights unlike the constructor.
+    Initialised first, on their own terms, they are then left alone.
+    """
+
+    def initialize_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, PreTrainedModel) and not module.is_custom_code():
+                module.initialize_weights()
+        super().initialize_weights()
+
+
+class SetokPreTrainedModel(NativePartsInitialization, PreTrainedModel):
     config: SetokConfig
     config_class = SetokConfig
     base_model_prefix = "setok"
@@ -262,17 +283,18 @@ class SetokModel(SetokPreTrainedModel):
 
     def get_patch_features(self, pixel_values: torch.FloatTensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Encoder features of the configured layer, `(batch, height * width, vision_hidden_size)`, and the grid."""
-        features, grid_size, _ = self.encode(pixel_values)
-        return features, grid_size
+        encoded = self.encode(pixel_values)
+        return encoded.features, encoded.grid_size
 
     def encode(
-        self, pixel_values: torch.FloatTensor, output_hidden_states: bool = False
-    ) -> tuple[torch.Tensor, tuple[int, int], tuple[torch.Tensor, ...] | None]:
-        """Patch features of the configured layer, the patch grid, and (if asked) every hidden state of the encoder.
+        self, pixel_values: torch.FloatTensor, output_hidden_states: bool = False, output_attentions: bool = False
+    ) -> EncodedImages:
+        """Patch features of the configured layer, the patch grid, and (if asked) every hidden state and attention
+        map of the encoder.
 
         Images of another size than the encoder was built for are encoded at their own resolution where the
         encoder can interpolate its position embeddings (SigLIP, CLIP, ViT), so the grid follows the image.
-        Unless every hidden state is asked for, the encoder stops at the configured layer (see
+        Unless every hidden state or attention map is asked for, the encoder stops at the configured layer (see
         [`run_vision_model`]).
         """
         vision_config = self.config.vision_config
@@ -292,7 +314,7 @@ class SetokModel(SetokPreTrainedModel):
         ):
             encoder_kwargs["interpolate_pos_encoding"] = True
         try:
-            features, hidden_states = self.run_vision_model(pixel_values, output_hidden_states, **encoder_kwargs)
+            encoded = self.run_vision_model(pixel_values, output_hidden_states, output_attentions, **encoder_kwargs)
         except RuntimeError as error:
             if (height, width) == native_size:
                 raise
@@ -301,6 +323,7 @@ class SetokModel(SetokPreTrainedModel):
                 f"({type(self.vision_model).__name__} cannot take other sizes), got {height}x{width}; use the "
                 "checkpoint's image processor"
             ) from error
+        features = encoded.features
         if self.config.vision_feature_select_strategy == "default":
             features = features[:, 1:]
         grid_size = (height // patch_size, width // patch_size)
@@ -309,17 +332,22 @@ class SetokModel(SetokPreTrainedModel):
                 f"pixel_values of size {(height, width)} give a {grid_size} patch grid, but the encoder returned "
                 f"{features.shape[1]} patch features; check vision_feature_select_strategy"
             )
-        return features, grid_size, hidden_states
+        return EncodedImages(features, grid_size, encoded.hidden_states, encoded.attentions)
 
     def run_vision_model(
-        self, pixel_values: torch.FloatTensor, output_hidden_states: bool, **encoder_kwargs: Any
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        """The configured layer's hidden state and, with `output_hidden_states`, every hidden state.
+        self,
+        pixel_values: torch.FloatTensor,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        **encoder_kwargs: Any,
+    ) -> EncodedImages:
+        """The configured layer's hidden state and, as asked, every hidden state and every attention map.
 
         Hidden state `i` is the input of encoder layer `i`, so the encoder is stopped as that layer is entered: the
         later layers, the final norm and the pooling head never run (nor get gradients) when an earlier layer is
         read, while their weights stay in the model, so checkpoints save and load unchanged. Encoders whose layers
-        cannot be found (no `nn.ModuleList` of `num_hidden_layers` modules) run whole.
+        cannot be found (no `nn.ModuleList` of `num_hidden_layers` modules) run whole, as every encoder does when
+        all its hidden states or attention maps are asked for. `grid_size` is left to the caller.
         """
         layers = encoder_layers(self.vision_model)
         layer = self.config.vision_feature_layer
@@ -328,11 +356,19 @@ class SetokModel(SetokPreTrainedModel):
                 f"vision_feature_layer must index the {len(layers) + 1} hidden states of the vision encoder, "
                 f"got {layer}"
             )
-        if output_hidden_states or layers is None or layer % (len(layers) + 1) == len(layers):
-            hidden_states = self.vision_model(
-                pixel_values=pixel_values, output_hidden_states=True, **encoder_kwargs
-            ).hidden_states
-            return hidden_states[layer], hidden_states if output_hidden_states else None
+        if output_hidden_states or output_attentions or layers is None or layer % (len(layers) + 1) == len(layers):
+            outputs = self.vision_model(
+                pixel_values=pixel_values,
+                output_hidden_states=True,
+                output_attentions=output_attentions,
+                return_dict=True,
+                **encoder_kwargs,
+            )
+            return EncodedImages(
+                features=outputs.hidden_states[layer],
+                hidden_states=outputs.hidden_states if output_hidden_states else None,
+                attentions=outputs.attentions if output_attentions else None,
+            )
 
         def stop(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             raise FeatureLayerReached(args[0] if args else kwargs["hidden_states"])
@@ -341,7 +377,7 @@ class SetokModel(SetokPreTrainedModel):
         try:
             self.vision_model(pixel_values=pixel_values, **encoder_kwargs)
         except FeatureLayerReached as reached:
-            return reached.hidden_state, None
+            return EncodedImages(features=reached.hidden_state)
         finally:
             handle.remove()
         raise RuntimeError(f"{type(self.vision_model).__name__} never entered layer {layer} of its encoder")
@@ -356,7 +392,8 @@ class SetokModel(SetokPreTrainedModel):
         cluster_k: int | None = None,
         output_attentions: bool = False,
     ) -> SetokModelOutput:
-        """Cluster and merge precomputed patch features (the tokenizer head, encoder excluded)."""
+        """Cluster and merge precomputed patch features (the tokenizer head, encoder excluded); with
+        `output_attentions`, the merger's weights are in `merger_attentions`."""
         config = self.config
         features = patch_features + sincos_position_code(
             *grid_size, patch_features.shape[-1], patch_features.dtype, patch_features.device
@@ -378,7 +415,7 @@ class SetokModel(SetokPreTrainedModel):
             scores=clusters.scores,
             patch_features=patch_features,
             grid_size=grid_size,
-            attentions=attentions if output_attentions else None,
+            merger_attentions=attentions if output_attentions else None,
         )
 
     def forward(
@@ -397,18 +434,30 @@ class SetokModel(SetokPreTrainedModel):
         """
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        patch_features, grid_size, hidden_states = self.encode(pixel_values, output_hidden_states)
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
+        encoded = self.encode(pixel_values, output_hidden_states, output_attentions)
         output = self.tokenize_features(
-            patch_features,
-            grid_size,
+            encoded.features,
+            encoded.grid_size,
             cluster_threshold=cluster_threshold,
             min_tokens=min_tokens,
             max_tokens=max_tokens,
             cluster_k=cluster_k,
-            output_attentions=self.config.output_attentions if output_attentions is None else output_attentions,
+            output_attentions=output_attentions,
         )
-        output.hidden_states = hidden_states
+        output.hidden_states, output.attentions = encoded.hidden_states, encoded.attentions
         return output
+
+
+@dataclass
+class EncodedImages:
+    """What the vision encoder gave: patch features of the configured layer and what else was asked for."""
+
+    features: torch.Tensor
+    grid_size: tuple[int, int] | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 class FeatureLayerReached(Exception):

@@ -50,7 +50,7 @@ from .modeling_mask_decoder import (
     mask_loss,
     region_images,
 )
-from .modeling_setok import SetokModel, SetokModelOutput, check_pixel_values
+from .modeling_setok import NativePartsInitialization, SetokModel, SetokModelOutput, check_pixel_values
 from .modeling_setok_detokenizer import SetokDetokenizer
 from .pipeline_setok_detokenizer import SetokDetokenizerPipeline
 from .placeholder_expansion import (
@@ -76,13 +76,15 @@ class SetokimImageFeatures(BaseModelOutputWithPooling):
             from.
         pooler_output: one `(num_tokens_i, text_hidden_size)` tensor per image: its projected tokens, unpadded.
         hidden_states: with `output_hidden_states=True`, every hidden state of the vision encoder.
-        attentions: with `output_attentions=True`, the token merger's attention weights.
+        attentions: with `output_attentions=True`, the vision encoder's attention weights, one per encoder layer.
+        merger_attentions: with `output_attentions=True`, the token merger's attention weights.
         image_embeds: `(num_images, max_tokens, text_hidden_size)` projected tokens; padding slots are meaningless.
         token_mask: `(num_images, max_tokens)` which slots hold a real token.
         num_tokens: `(num_images,)` tokens per image.
         tokenizer_output: the SeTok output (assignment, scores, patch features) the tokens came from.
     """
 
+    merger_attentions: tuple[torch.FloatTensor | None, ...] | None = None
     image_embeds: torch.FloatTensor | None = None
     token_mask: torch.BoolTensor | None = None
     num_tokens: torch.LongTensor | None = None
@@ -199,7 +201,7 @@ class SetokimProjector(nn.Sequential):
         super().__init__(*layers)
 
 
-class SetokimPreTrainedModel(PreTrainedModel):
+class SetokimPreTrainedModel(NativePartsInitialization, PreTrainedModel):
     config: SetokimConfig
     config_class = SetokimConfig
     base_model_prefix = "model"
@@ -211,19 +213,6 @@ class SetokimPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = False
     _no_split_modules = ["SetokAttentionLayer"]
-
-    def initialize_weights(self) -> None:
-        """Initialise the native Transformers models inside (vision encoder, language model) as native code.
-
-        Transformers initialises a plugin model as custom code, skipping every module without parameters of its
-        own, and hands that mode down to the native models inside it, whose module-level inits (SigLIP's attention
-        and MLP set their layers) would then be skipped: `from_pretrained` would fill missing weights unlike the
-        constructor. Initialised first, on their own terms, they are then left alone.
-        """
-        for module in self.modules():
-            if isinstance(module, PreTrainedModel) and not module.is_custom_code():
-                module.initialize_weights()
-        super().initialize_weights()
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """Save as Transformers does, then add a model card unless the folder has one."""
@@ -285,6 +274,7 @@ class SetokimModel(SetokimPreTrainedModel):
             pooler_output=tuple(embeds[:count] for embeds, count in zip(image_embeds, tokenizer_output.num_tokens)),
             hidden_states=tokenizer_output.hidden_states,
             attentions=tokenizer_output.attentions,
+            merger_attentions=tokenizer_output.merger_attentions,
             image_embeds=image_embeds,
             token_mask=tokenizer_output.token_mask,
             num_tokens=tokenizer_output.num_tokens,
@@ -650,7 +640,6 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.FloatTensor | None = None,
         image_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
-        shift_labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         cluster_threshold: float | None = None,
@@ -663,14 +652,16 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
     ) -> SetokimCausalLMOutputWithPast:
         """Logits over the expanded sequence, and the training loss when `labels` are given.
 
-        `labels` align with the caller's `input_ids`, and so do `shift_labels` (the already shifted targets that
-        sequence-parallel training passes beside them), which then replace the shifted labels as the text targets,
-        as in every Transformers causal LM. The loss is the next-token loss on text; with a vision head,
+        `labels` align with the caller's `input_ids`, and so does a `shift_labels` keyword argument (the already
+        shifted targets that sequence-parallel training passes beside them), which then replaces the shifted labels
+        as the text targets. As in every Transformers causal LM it travels in `kwargs`, so `Trainer` still finds
+        `labels` alone as the label argument. The loss is the next-token loss on text; with a vision head,
         images whose placeholder is labelled (in the answer) are images to write, which adds their stopping and
         token regression; with `target_masks` (`(rows, height, width)`, one per row of `target_mask_rows`, all rows
         by default), each such row's written image is the referred region, and the mask decoder's BCE + Dice
         against the mask is added too.
         """
+        shift_labels = kwargs.pop("shift_labels", None)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
