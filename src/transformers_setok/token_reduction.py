@@ -37,20 +37,26 @@ class TokenReductionOutput(ModelOutput):
     num_tokens_after: torch.LongTensor | None = None
 
 
+def check_keep(keep: float | int, name: str = "keep") -> None:
+    """Refuse a `keep` that is neither a fraction in (0, 1] nor a count >= 1, naming the argument `name`."""
+    if isinstance(keep, bool) or not isinstance(keep, Real):
+        raise TypeError(f"{name} must be a float fraction in (0, 1] or an int count >= 1, got {type(keep).__name__}")
+    if isinstance(keep, Integral):
+        if keep < 1:
+            raise ValueError(f"{name} as a token count must be >= 1, got {keep}")
+    elif not 0 < keep <= 1:
+        raise ValueError(f"{name} as a fraction must be in (0, 1], got {keep}")
+
+
 def kept_counts(num_tokens: torch.LongTensor, keep: float | int) -> torch.LongTensor:
     """Tokens to keep per image: a fraction rounded up, or a count capped at the image's tokens; at least one.
 
     The product is rounded to 9 decimals before rounding up, so float noise (`0.7 * 10 = 7.000000000000001`) does
     not keep an extra token.
     """
-    if isinstance(keep, bool) or not isinstance(keep, Real):
-        raise TypeError(f"keep must be a float fraction in (0, 1] or an int count >= 1, got {type(keep).__name__}")
+    check_keep(keep)
     if isinstance(keep, Integral):
-        if keep < 1:
-            raise ValueError(f"keep as a token count must be >= 1, got {keep}")
         return num_tokens.clamp(max=int(keep))
-    if not 0 < keep <= 1:
-        raise ValueError(f"keep as a fraction must be in (0, 1], got {keep}")
     counts = torch.ceil(torch.round(num_tokens.double() * float(keep), decimals=9)).long()
     return counts.clamp(min=1)
 

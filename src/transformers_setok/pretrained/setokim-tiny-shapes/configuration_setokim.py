@@ -12,6 +12,7 @@ from transformers.configuration_utils import SubConfigSpec
 from .configuration_mask_decoder import SetokimMaskDecoderConfig
 from .configuration_setok import SetokConfig
 from .configuration_setok_detokenizer import SetokDetokenizerConfig
+from .token_reduction import check_keep
 
 PROJECTOR_TYPE_PATTERN = re.compile(r"^(linear|mlp(\d+)x_gelu)$")
 
@@ -46,6 +47,12 @@ class SetokimConfig(PreTrainedConfig):
         mask_decoder_config (`dict` or `SetokimMaskDecoderConfig`, *optional*):
             The mask decoder that turns the tokens written for a referred region into its mask (`segment`); needs
             the vision output head. `None` leaves it out.
+        visual_token_keep (`float` or `int`, *optional*):
+            Prompt-aware token reduction (TRSM): a fraction in (0, 1] of each image's tokens, or a count, that the
+            language model reads, chosen by their match with the prompt's text; `None` (the default) keeps them
+            all. `forward` and `generate` take it per call too.
+        visual_token_merge (`bool`, *optional*, defaults to `False`):
+            With `visual_token_keep`, merge each dropped token into the kept token most like it instead of losing it.
     """
 
     model_type = "setokim"
@@ -68,11 +75,18 @@ class SetokimConfig(PreTrainedConfig):
     image_regression_mse_weight: float = 1.0
     image_regression_cosine_weight: float = 1.0
     mask_decoder_config: dict | PreTrainedConfig | None = None
+    visual_token_keep: float | int | None = None
+    visual_token_merge: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
+
+    def validate_visual_token_keep(self) -> None:
+        """`visual_token_keep` is a fraction in (0, 1], a count >= 1, or `None`."""
+        if self.visual_token_keep is not None:
+            check_keep(self.visual_token_keep, "visual_token_keep")
 
     def validate_projector(self) -> None:
         """Only the projector shapes the paper and LLaVA use are buildable."""

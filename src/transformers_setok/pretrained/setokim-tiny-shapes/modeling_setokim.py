@@ -63,6 +63,7 @@ from .placeholder_expansion import (
     pack_rows,
 )
 from .processing_setokim import SetokimProcessor
+from .token_reduction import TokenReductionOutput, check_keep, prompt_aware_token_reduction
 
 logger = logging.get_logger(__name__)
 
@@ -80,7 +81,10 @@ class SetokimImageFeatures(BaseModelOutputWithPooling):
         merger_attentions: with `output_attentions=True`, the token merger's attention weights.
         image_embeds: `(num_images, max_tokens, text_hidden_size)` projected tokens; padding slots are meaningless.
         token_mask: `(num_images, max_tokens)` which slots hold a real token.
-        num_tokens: `(num_images,)` tokens per image.
+        num_tokens: `(num_images,)` tokens per image (after prompt-aware reduction, when it ran).
+        num_tokens_before_reduction: `(num_images,)` tokens per image SeTok gave, before any reduction.
+        kept_indices: with prompt-aware reduction, `(num_images, max_tokens)` the SeTok index of each kept token
+            (-1 in padding slots); `None` without it.
         tokenizer_output: the SeTok output (assignment, scores, patch features) the tokens came from.
     """
 
@@ -88,6 +92,8 @@ class SetokimImageFeatures(BaseModelOutputWithPooling):
     image_embeds: torch.FloatTensor | None = None
     token_mask: torch.BoolTensor | None = None
     num_tokens: torch.LongTensor | None = None
+    num_tokens_before_reduction: torch.LongTensor | None = None
+    kept_indices: torch.LongTensor | None = None
     tokenizer_output: SetokModelOutput | None = None
 
 
@@ -254,11 +260,31 @@ class SetokimModel(SetokimPreTrainedModel):
         cluster_k: int | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
+        input_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        visual_token_keep: float | int | None = None,
+        visual_token_merge: bool | None = None,
     ) -> SetokimImageFeatures:
         """Tokenize images with SeTok and project the tokens to the language model's width.
 
-        The clustering arguments override the SeTok config for this call, as in [`SetokModel.forward`].
+        The clustering arguments override the SeTok config for this call, as in [`SetokModel.forward`]. Given the
+        prompts (`input_ids` or `inputs_embeds`, one placeholder per image), each image keeps only the tokens its
+        prompt is about when `visual_token_keep` (per call, or in the config) asks for it; see
+        [`reduce_image_tokens`]. Without a prompt there is nothing to query, and every token is returned.
         """
+        keep = self.config.visual_token_keep if visual_token_keep is None else visual_token_keep
+        merge = self.config.visual_token_merge if visual_token_merge is None else visual_token_merge
+        has_prompt = input_ids is not None or inputs_embeds is not None
+        if visual_token_keep is not None and not has_prompt:
+            raise ValueError(
+                "visual_token_keep chooses each image's tokens by its prompt: pass the prompts (input_ids or "
+                "inputs_embeds, with attention_mask) to get_image_features"
+            )
+        if visual_token_merge is not None and keep is None:
+            raise ValueError("visual_token_merge merges the tokens visual_token_keep drops, but no keep was set")
+        if keep is not None:
+            check_keep(keep, "visual_token_keep")
         tokenizer_output = self.setok(
             pixel_values,
             cluster_threshold=cluster_threshold,
@@ -269,17 +295,75 @@ class SetokimModel(SetokimPreTrainedModel):
             output_attentions=output_attentions,
         )
         image_embeds = self.multi_modal_projector(tokenizer_output.tokens)
+        token_mask, num_tokens, kept_indices = tokenizer_output.token_mask, tokenizer_output.num_tokens, None
+        if keep is not None and has_prompt:
+            reduction = self.reduce_image_tokens(
+                image_embeds, token_mask, input_ids, inputs_embeds, attention_mask, keep, merge
+            )
+            image_embeds, token_mask = reduction.image_embeds, reduction.token_mask
+            num_tokens, kept_indices = reduction.num_tokens_after, reduction.kept_indices
         return SetokimImageFeatures(
             last_hidden_state=tokenizer_output.patch_features,
-            pooler_output=tuple(embeds[:count] for embeds, count in zip(image_embeds, tokenizer_output.num_tokens)),
+            pooler_output=tuple(embeds[:count] for embeds, count in zip(image_embeds, num_tokens)),
             hidden_states=tokenizer_output.hidden_states,
             attentions=tokenizer_output.attentions,
             merger_attentions=tokenizer_output.merger_attentions,
             image_embeds=image_embeds,
-            token_mask=tokenizer_output.token_mask,
-            num_tokens=tokenizer_output.num_tokens,
+            token_mask=token_mask,
+            num_tokens=num_tokens,
+            num_tokens_before_reduction=tokenizer_output.num_tokens,
+            kept_indices=kept_indices,
             tokenizer_output=tokenizer_output,
         )
+
+    def reduce_image_tokens(
+        self,
+        image_embeds: torch.Tensor,
+        token_mask: torch.BoolTensor,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        keep: float | int,
+        merge_dropped: bool,
+    ) -> TokenReductionOutput:
+        """TRSM: each image keeps the tokens that best match the text of its own prompt row.
+
+        The query is that row's input embeddings where `attention_mask` is set, leaving out the image positions and
+        the special tokens the config names (`<image>`, `[Img]`, `[/Img]`, BOS, EOS, padding), found by id, or by
+        their embedding in `inputs_embeds`. Several images in one row share its query.
+        """
+        placeholder_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
+        check_placeholder_count(placeholder_mask, self.config.image_token_id, len(image_embeds))
+        text_embeds = inputs_embeds if inputs_embeds is not None else self.get_input_embeddings()(input_ids)
+        query_mask = ~self.special_token_mask(input_ids, inputs_embeds)
+        if attention_mask is not None:
+            query_mask &= attention_mask.bool()
+        image_rows = placeholder_mask.nonzero()[:, 0]
+        no_query = sorted(set((~query_mask.any(dim=1))[image_rows].nonzero().flatten().tolist()))
+        if no_query:
+            raise ValueError(
+                f"visual_token_keep chooses an image's tokens by its prompt's text, but rows "
+                f"{sorted({int(image_rows[i]) for i in no_query})} hold no text besides special tokens and images"
+            )
+        return prompt_aware_token_reduction(
+            image_embeds, token_mask, text_embeds, query_mask, keep, merge_dropped, image_rows
+        )
+
+    def special_token_mask(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Where the image tokens and the language model's BOS, EOS and padding stand, by id or by embedding."""
+        config, text_config = self.config, self.config.text_config
+        ids = {config.image_token_id, config.image_start_token_id, config.image_end_token_id}
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(text_config, name, None)
+            ids.update(value if isinstance(value, list) else [] if value is None else [value])
+        embeddings = self.get_input_embeddings()
+        special = torch.tensor(sorted(ids), device=embeddings.weight.device)
+        if input_ids is not None:
+            return torch.isin(input_ids, special.to(input_ids.device))
+        special_embeds = embeddings(special).to(inputs_embeds.device, inputs_embeds.dtype)
+        return (inputs_embeds[:, :, None, :] == special_embeds).all(dim=-1).any(dim=-1)
 
     def placeholder_embedding(self) -> torch.Tensor:
         """The input embedding of the `<image>` placeholder, by which it is found in caller-given `inputs_embeds`."""
@@ -326,6 +410,8 @@ class SetokimModel(SetokimPreTrainedModel):
         shift_labels: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
+        visual_token_keep: float | int | None = None,
+        visual_token_merge: bool | None = None,
         **clustering: Any,
     ) -> SetokimMultimodalInputs:
         """Tokenize the images, then expand each placeholder to its image's tokens (shared by forward and generate).
@@ -333,6 +419,10 @@ class SetokimModel(SetokimPreTrainedModel):
         The placeholders are found in `input_ids`, or in `inputs_embeds` by their embedding; `clustering` holds
         per-call overrides of the SeTok config (`cluster_threshold`, `min_tokens`, `max_tokens`, `cluster_k`).
         `output_hidden_states` and `output_attentions` ask the image features for them, as in `get_image_features`.
+        With `visual_token_keep` (per call or in the config) each image keeps the tokens its prompt is about, before
+        expansion, so the expanded ids, positions and labels (and a cache built on them) hold the kept counts. The
+        query is the prompt only: positions the labels train (the answer) are left out of it, so training reads
+        the tokens generation would.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError(
@@ -347,10 +437,32 @@ class SetokimModel(SetokimPreTrainedModel):
                     f"{name} must align with the caller's input_ids, shape {tuple(placeholder_mask.shape)}, got "
                     f"{tuple(targets.shape)}; the model expands both"
                 )
+        generation_targets = None
+        if labels is not None and self.config.vision_output_head:
+            generation_targets = labels[placeholder_mask] != IGNORE_INDEX
+        reducing = (self.config.visual_token_keep if visual_token_keep is None else visual_token_keep) is not None
+        if reducing and generation_targets is not None and bool(generation_targets.any()):
+            raise ValueError(
+                "visual_token_keep reduces the images the model reads, but the labels ask it to write images "
+                f"{generation_targets.nonzero().flatten().tolist()}, whose tokens are targets; train image writing "
+                "with visual_token_keep=None"
+            )
+        query_attention = torch.ones_like(placeholder_mask) if attention_mask is None else attention_mask.bool()
+        if labels is not None:
+            query_attention = query_attention & (labels == IGNORE_INDEX)
+        if shift_labels is not None:
+            query_attention = query_attention & torch.cat(
+                [torch.ones_like(shift_labels[:, :1], dtype=torch.bool), shift_labels[:, :-1] == IGNORE_INDEX], dim=1
+            )
         features = self.get_image_features(
             pixel_values,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=query_attention,
+            visual_token_keep=visual_token_keep,
+            visual_token_merge=visual_token_merge,
             return_dict=True,
             **clustering,
         )
@@ -383,9 +495,7 @@ class SetokimModel(SetokimPreTrainedModel):
             shift_labels=expanded.shift_labels,
             image_embeds=image_embeds,
             image_features=features,
-            generation_targets=labels[placeholder_mask] != IGNORE_INDEX
-            if labels is not None and self.config.vision_output_head
-            else None,
+            generation_targets=generation_targets,
             image_rows=image_rows,
         )
 
@@ -420,6 +530,8 @@ class SetokimModel(SetokimPreTrainedModel):
         min_tokens: int | None = None,
         max_tokens: int | None = None,
         cluster_k: int | None = None,
+        visual_token_keep: float | int | None = None,
+        visual_token_merge: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> SetokimModelOutputWithPast:
         """Run the language model over text with images.
@@ -428,13 +540,20 @@ class SetokimModel(SetokimPreTrainedModel):
         writes them, and are expanded here; `labels` and `shift_labels` (the shifted targets sequence-parallel
         training passes, aligned with the caller's `input_ids` too), if given, are expanded alongside and returned.
         Without them, `input_ids` may already be expanded, with `image_embeds` (from `prepare_multimodal_inputs`)
-        filling the image positions. The clustering arguments override the SeTok config for this call.
+        filling the image positions. The clustering arguments override the SeTok config for this call, and
+        `visual_token_keep`/`visual_token_merge` its prompt-aware token reduction (see
+        [`prepare_multimodal_inputs`]).
         """
         check_forward_kwargs(kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        clustering = dict(
-            cluster_threshold=cluster_threshold, min_tokens=min_tokens, max_tokens=max_tokens, cluster_k=cluster_k
+        image_settings = dict(
+            cluster_threshold=cluster_threshold,
+            min_tokens=min_tokens,
+            max_tokens=max_tokens,
+            cluster_k=cluster_k,
+            visual_token_keep=visual_token_keep,
+            visual_token_merge=visual_token_merge,
         )
         image_outputs = generation_targets = image_rows = None
         if pixel_values is not None:
@@ -451,7 +570,7 @@ class SetokimModel(SetokimPreTrainedModel):
                 shift_labels=shift_labels,
                 output_hidden_states=kwargs.get("output_hidden_states"),
                 output_attentions=kwargs.get("output_attentions"),
-                **clustering,
+                **image_settings,
             )
             input_ids, inputs_embeds = prepared.input_ids, prepared.inputs_embeds
             attention_mask, position_ids = prepared.attention_mask, prepared.position_ids
@@ -459,7 +578,7 @@ class SetokimModel(SetokimPreTrainedModel):
             image_embeds, image_outputs = prepared.image_embeds, prepared.image_features
             generation_targets, image_rows = prepared.generation_targets, prepared.image_rows
         else:
-            check_clustering_has_images(clustering)
+            check_image_settings_have_images(image_settings)
             if inputs_embeds is not None:
                 if image_embeds is not None:
                     raise ValueError(
@@ -648,6 +767,8 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         cluster_k: int | None = None,
         target_masks: torch.Tensor | None = None,
         target_mask_rows: torch.BoolTensor | None = None,
+        visual_token_keep: float | int | None = None,
+        visual_token_merge: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> SetokimCausalLMOutputWithPast:
         """Logits over the expanded sequence, and the training loss when `labels` are given.
@@ -659,7 +780,8 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         images whose placeholder is labelled (in the answer) are images to write, which adds their stopping and
         token regression; with `target_masks` (`(rows, height, width)`, one per row of `target_mask_rows`, all rows
         by default), each such row's written image is the referred region, and the mask decoder's BCE + Dice
-        against the mask is added too.
+        against the mask is added too. `visual_token_keep` and `visual_token_merge` reduce the image tokens by the
+        prompt for this call, as in [`SetokimModel.prepare_multimodal_inputs`].
         """
         shift_labels = kwargs.pop("shift_labels", None)
         outputs = self.model(
@@ -677,6 +799,8 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
             min_tokens=min_tokens,
             max_tokens=max_tokens,
             cluster_k=cluster_k,
+            visual_token_keep=visual_token_keep,
+            visual_token_merge=visual_token_merge,
             return_dict=True,
             **kwargs,
         )
@@ -954,6 +1078,8 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         min_tokens: int | None = None,
         max_tokens: int | None = None,
         cluster_k: int | None = None,
+        visual_token_keep: float | int | None = None,
+        visual_token_merge: bool | None = None,
         **kwargs: Any,
     ) -> GenerateOutput | torch.LongTensor:
         """Expand the image placeholders, then run the standard `GenerationMixin.generate`.
@@ -962,16 +1088,24 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         `<image>` placeholder. The returned sequences are the caller's `input_ids` followed by the new tokens, so
         `out[:, inputs["input_ids"].shape[1]:]` is the answer (with `inputs_embeds`, only the new tokens, as for
         any Transformers model). A conversation continues from an earlier call's `cache` (`past_key_values`)
-        when its `input_ids` repeat that call's sequences and `pixel_values` hold all its images again.
+        when its `input_ids` repeat that call's sequences and `pixel_values` hold all its images again (the earlier
+        turns' images keep the tokens the first call chose for them, with `visual_token_keep`).
+        `visual_token_keep` and `visual_token_merge` reduce each image's tokens to what its prompt is about before
+        the prefill, so the prompt, its positions and the cache hold only the kept tokens.
         """
         logits_processor = LogitsProcessorList(
             [*(logits_processor or []), SuppressImagePlaceholder(self.config.image_token_id)]
         )
-        clustering = dict(
-            cluster_threshold=cluster_threshold, min_tokens=min_tokens, max_tokens=max_tokens, cluster_k=cluster_k
+        image_settings = dict(
+            cluster_threshold=cluster_threshold,
+            min_tokens=min_tokens,
+            max_tokens=max_tokens,
+            cluster_k=cluster_k,
+            visual_token_keep=visual_token_keep,
+            visual_token_merge=visual_token_merge,
         )
         if pixel_values is None:
-            check_clustering_has_images(clustering)
+            check_image_settings_have_images(image_settings)
             return super().generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -983,7 +1117,7 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         if "position_ids" in kwargs:
             raise ValueError("pixel_values expand the sequence, so position_ids cannot be given with them")
         prepared = self.model.prepare_multimodal_inputs(
-            input_ids, pixel_values, attention_mask, inputs_embeds=inputs_embeds, padding_side="left", **clustering
+            input_ids, pixel_values, attention_mask, inputs_embeds=inputs_embeds, padding_side="left", **image_settings
         )
         check_cache_continuation(kwargs.get("cache", kwargs.get("past_key_values")), prepared.attention_mask)
         if inputs_embeds is not None:
@@ -1012,9 +1146,9 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         return output
 
 
-def check_clustering_has_images(clustering: dict[str, Any]) -> None:
-    """Clustering settings given without `pixel_values` would be silently ignored: refuse them instead."""
-    given = sorted(name for name, value in clustering.items() if value is not None)
+def check_image_settings_have_images(settings: dict[str, Any]) -> None:
+    """Clustering and reduction settings given without `pixel_values` would be silently ignored: refuse them."""
+    given = sorted(name for name, value in settings.items() if value is not None)
     if given:
         raise ValueError(f"{given} set how images are tokenized, but no pixel_values were given")
 
