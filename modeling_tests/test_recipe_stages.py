@@ -3,13 +3,14 @@ its checkpoints, hands its model to the next stage, and the final Setokim answer
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, Trainer
 
 from transformers_setok import SetokForPreTraining, SetokimForConditionalGeneration, shapes_world
 from transformers_setok.recipes import (
@@ -141,6 +142,37 @@ def test_every_stage_saves_a_model_the_next_stage_starts_from(micro_run: Path) -
     assert any(name.startswith("model.language_model.") for name in moved)
     assert any(name.startswith("mask_decoder.") for name in moved)
     assert any(name.startswith("vision_head.") for name in moved)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_a_process_other_than_the_main_one_saves_the_model_and_writes_nothing_else(
+    stage: int, micro_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FSDP and DeepSpeed gather the weights in `save_model`, so every process must call it; what only the main
+    process writes (processor, log, recipe, stage 3's merged model) it must not. The stage, already trained,
+    resumes at its last step and only saves."""
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run)
+    folder = run / f"stage{stage}"
+    for path in folder.iterdir():
+        if path.name != "checkpoints":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    saved = []
+    save_model = Trainer.save_model
+
+    def recording_save_model(self: Trainer, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not _internal_call:  # not the Trainer's own checkpoints
+            saved.append(Path(output_dir))
+        save_model(self, output_dir, _internal_call)
+
+    monkeypatch.setattr(Trainer, "save_model", recording_save_model)
+    monkeypatch.setattr(Trainer, "is_world_process_zero", lambda self: False)
+    train_stage(StageConfig.from_file(micro_recipe(tmp_path / "recipe") / f"stage{stage}.yaml"), run)
+    assert saved == [folder / "adapter" if stage == 3 else folder]
+    written = {path.name for path in folder.iterdir()}
+    main_process_files = {"training_log.json", "recipe.yaml", "preprocessor_config.json", "processor_config.json"}
+    assert not written & main_process_files
+    assert ("model.safetensors" in written) == (stage != 3)  # stage 3's is the main process's merge
 
 
 def test_a_stage_resumes_from_its_newest_checkpoint(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from test_distributed_pretraining import LAUNCHERS, free_port
 from test_recipe_stages import micro_recipe
@@ -384,22 +385,60 @@ def accelerate_multi_cpu() -> list[str]:
 
 
 MULTI_PROCESS = {"torchrun": LAUNCHERS["torchrun"], "accelerate multi_cpu.yaml": accelerate_multi_cpu}
+# `setok train` with `Trainer.save_model` recording, per process, the folders it is asked to save to (FSDP and
+# DeepSpeed gather the weights there, so every process must call it).
+RECORDING_CLI = """
+import os
+import sys
+from pathlib import Path
+
+from transformers import Trainer
+
+from transformers_setok.cli import main
+
+save_model = Trainer.save_model
+
+
+def recording_save_model(self, output_dir=None, _internal_call=False):
+    if not _internal_call:  # not the Trainer's own checkpoints
+        with open(Path(os.environ["SAVE_MODEL_CALLS"]) / f"rank{os.environ['RANK']}", "a") as calls:
+            calls.write(f"{output_dir}\\n")
+    save_model(self, output_dir, _internal_call)
+
+
+Trainer.save_model = recording_save_model
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run_recording_cli(launcher: list[str], arguments: list[str], tmp_path: Path) -> dict[str, list[str]]:
+    """`setok train arguments` under `launcher`; the folders each process's `save_model` was called with."""
+    script, calls = tmp_path / "recording_cli.py", tmp_path / "save_model_calls"
+    script.write_text(RECORDING_CLI)
+    calls.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "SAVE_MODEL_CALLS": str(calls)}
+    result = subprocess.run(
+        [*launcher, str(script), "train", *arguments], capture_output=True, text=True, env=env, timeout=1200
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return {path.name: path.read_text().split() for path in calls.iterdir()}
 
 
 @pytest.mark.parametrize("launcher", list(MULTI_PROCESS))
 def test_stage1_trains_as_one_job_of_two_cpu_processes(launcher: str, tmp_path: Path) -> None:
     recipe, out = micro_recipe(tmp_path / "recipe"), tmp_path / "run"
-    command = [*MULTI_PROCESS[launcher](), "-m", "transformers_setok.cli", "train", "--stage", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(
-        [*command, "--recipe", str(recipe), "--out", str(out)], capture_output=True, text=True, env=env, timeout=1200
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    arguments = ["--stage", "1", "--recipe", str(recipe), "--out", str(out)]
+    calls = run_recording_cli(MULTI_PROCESS[launcher](), arguments, tmp_path)
+    assert calls == {"rank0": [str(out / "stage1")], "rank1": [str(out / "stage1")]}
     log = json.loads((out / "stage1" / "training_log.json").read_text())
     # 6 scenes, 2 per process and step: two processes sharing the data finish the epoch in 2 steps; two processes
     # each training alone on all of it would be 2/3 of the way through theirs
     assert (log[-1]["step"], log[-1]["epoch"]) == (2, 1.0)
     model = SetokForPreTraining.from_pretrained(out / "stage1")
+    # the saved model is the one trained: the weights of the Trainer's checkpoint of the last step
+    trained = SetokForPreTraining.from_pretrained(out / "stage1" / "checkpoints" / "checkpoint-2").state_dict()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, trained[name]), name
     tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
     assert model.config.text_config.vocab_size == len(tokenizer) == 400
     # the dry run's meta-device model is the recipe's: same parameters, and the trained stage 1 is what stage 2

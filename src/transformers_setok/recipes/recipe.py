@@ -8,7 +8,8 @@
              some of stage 2's tasks, so drawing is not forgotten); the adapters are merged into the final model.
 
 A run folder holds `tokenizer/` (trained on the world's texts when the recipe makes its own) and one folder per
-stage: the stage's model and processor, and `checkpoints/` from which an interrupted stage resumes. A stage reads
+stage: the stage's model and processor, `checkpoints/` from which an interrupted stage resumes, and in stage 3
+`adapter/`, the LoRA adapters merged into its model. A stage reads
 the previous stage's folder, so `setok train --stage 2 --out run/` continues where `--stage 1 --out run/` ended.
 """
 
@@ -23,7 +24,7 @@ from typing import Any
 import datasets
 import torch
 import yaml
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -52,6 +53,8 @@ logger = logging.get_logger(__name__)
 
 RECIPES_DIR = Path(__file__).resolve().parent
 STAGES = (1, 2, 3)
+# Where stage 3 saves its trained LoRA adapters (inside the stage's folder), which it then merges into its model.
+ADAPTER_DIR = "adapter"
 
 
 @dataclass
@@ -190,6 +193,9 @@ def pretraining_model(config: StageConfig, tokenizer: PreTrainedTokenizerBase) -
 
 
 def train_stage1(config: StageConfig, out: Path) -> Path:
+    """Stage 1. Every process calls `save_model` (FSDP and DeepSpeed gather the weights there, and the main process
+    writes them); the main process alone writes the rest, and the others wait for it, so the folder is complete
+    when the next stage reads it."""
     folder = stage_dir(out, 1)
     args = training_arguments(config, folder)
     tokenizer = text_tokenizer(config, out, args)
@@ -204,9 +210,10 @@ def train_stage1(config: StageConfig, out: Path) -> Path:
     )
     trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator)
     run_trainer(trainer, config, folder)
+    trainer.save_model(str(folder))
     if trainer.is_world_process_zero():
-        trainer.save_model(str(folder))
         image_processor.save_pretrained(str(folder))
+    trainer.accelerator.wait_for_everyone()
     return folder
 
 
@@ -251,7 +258,8 @@ def setokim_from_stage1(config: StageConfig, out: Path) -> tuple[SetokimForCondi
 
 
 def train_chat_stage(config: StageConfig, out: Path) -> Path:
-    """Stages 2 and 3: chat examples of the world's tasks through `SetokimDataCollator` and the `Trainer`."""
+    """Stages 2 and 3: chat examples of the world's tasks through `SetokimDataCollator` and the `Trainer`. The model
+    is saved as in stage 1 (`train_stage1`); stage 3 saves its adapters so, and the main process merges them."""
     if config.stage == 2:
         model, processor = setokim_from_stage1(config, out)
     else:
@@ -279,12 +287,20 @@ def train_chat_stage(config: StageConfig, out: Path) -> Path:
         model=model, args=training_arguments(config, folder), train_dataset=train_dataset, data_collator=collator
     )
     run_trainer(trainer, config, folder)
+    trainer.save_model(str(folder if config.lora is None else folder / ADAPTER_DIR))
     if trainer.is_world_process_zero():
-        final = model.merge_and_unload() if config.lora is not None else model
-        final.save_pretrained(str(folder))
+        if config.lora is not None:
+            merged_model(stage_dir(out, config.stage - 1), folder / ADAPTER_DIR).save_pretrained(str(folder))
         processor.tokenizer.padding_side = "left"  # what batched generation needs
         processor.save_pretrained(str(folder))
+    trainer.accelerator.wait_for_everyone()
     return folder
+
+
+def merged_model(base: Path, adapter: Path) -> SetokimForConditionalGeneration:
+    """The model in `base` with the adapters in `adapter` merged in. Merged from the saved adapters rather than
+    the trained model: under FSDP each process holds only a shard of that, and `save_model` gathered it."""
+    return PeftModel.from_pretrained(SetokimForConditionalGeneration.from_pretrained(base), adapter).merge_and_unload()
 
 
 def train_stage(config: StageConfig, out: str | os.PathLike) -> Path:
