@@ -143,14 +143,25 @@ def prompt_aware_token_reduction(
     """
     token_mask, text_mask = token_mask.bool(), text_mask.bool()
     image_rows = check_reduction_inputs(image_embeds, token_mask, text_embeds, text_mask, image_rows)
-    num_tokens = token_mask.sum(dim=1)
-    num_kept = kept_counts(num_tokens, keep)
-
     visual = nn.functional.normalize(image_embeds.float(), dim=-1)
     queries = nn.functional.normalize(text_embeds.float(), dim=-1)[image_rows]
     similarity = (visual @ queries.transpose(1, 2)).masked_fill(~text_mask[image_rows, None, :], -torch.inf)
-    scores = similarity.amax(dim=-1).masked_fill(~token_mask, -torch.inf)
+    return keep_best_scored(image_embeds, token_mask, similarity.amax(dim=-1), keep, merge_dropped)
 
+
+def keep_best_scored(
+    image_embeds: torch.Tensor,
+    token_mask: torch.BoolTensor,
+    scores: torch.Tensor,
+    keep: float | int,
+    merge_dropped: bool = False,
+) -> TokenReductionOutput:
+    """Keep each image's `keep` best-scored tokens (`scores`: `(num_images, max_tokens)`), in their original order;
+    equal scores go to the lower index. The selection step of [`prompt_aware_token_reduction`], for any score
+    (a baseline's random one, say)."""
+    num_tokens = token_mask.sum(dim=1)
+    num_kept = kept_counts(num_tokens, keep)
+    scores = scores.float().masked_fill(~token_mask, -torch.inf)
     # Stable sorts keep equal scores (and kept tokens) in index order, which breaks ties by the lower index.
     rank = scores.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
     kept = rank < num_kept[:, None]
@@ -160,7 +171,7 @@ def prompt_aware_token_reduction(
 
     tokens = image_embeds
     if merge_dropped:
-        tokens = merge_into_kept(image_embeds, visual, token_mask, kept)
+        tokens = merge_into_kept(image_embeds, nn.functional.normalize(image_embeds.float(), dim=-1), token_mask, kept)
     gathered = tokens.gather(1, kept_indices[..., None].expand(-1, -1, tokens.shape[-1]))
     return TokenReductionOutput(
         image_embeds=gathered * kept_mask[..., None].to(gathered.dtype),
