@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import AutoTokenizer, Trainer
 
 from transformers_setok import SetokForPreTraining, SetokimForConditionalGeneration, shapes_world
@@ -22,7 +23,7 @@ from transformers_setok.recipes import (
     stage_config_path,
     train_stage,
 )
-from transformers_setok.recipes.recipe import RECIPES_DIR
+from transformers_setok.recipes.recipe import RECIPES_DIR, pretraining_model
 from transformers_setok.tokenizer_training import train_sentencepiece_tokenizer
 
 MICRO_MODEL = {
@@ -173,6 +174,57 @@ def test_a_process_other_than_the_main_one_saves_the_model_and_writes_nothing_el
     main_process_files = {"training_log.json", "recipe.yaml", "preprocessor_config.json", "processor_config.json"}
     assert not written & main_process_files
     assert ("model.safetensors" in written) == (stage != 3)  # stage 3's is the main process's merge
+
+
+def tiny_stable_diffusion(folder: Path) -> Path:
+    """A Stable-Diffusion-style folder (`unet/`, `vae/`, `scheduler/`) of minuscule random models."""
+    UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    ).save_pretrained(folder / "unet")
+    AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    ).save_pretrained(folder / "vae")
+    DDPMScheduler(beta_schedule="scaled_linear").save_pretrained(folder / "scheduler")
+    return folder
+
+
+def test_stage1_starts_its_detokenizer_from_a_stable_diffusion_folder_or_a_saved_detokenizer(tmp_path: Path) -> None:
+    config = StageConfig.from_file(micro_recipe(tmp_path / "recipe") / "stage1.yaml")
+    tokenizer = train_sentencepiece_tokenizer(["red circle", "blue square"], tmp_path / "tokenizer", 300)
+    folder = tiny_stable_diffusion(tmp_path / "sd")
+    # the YAML's U-Net config gives way to the folder's; its other settings apply
+    config.model["detokenizer_config"] |= {"coordinate_channels": 0, "num_null_tokens": 3}
+    config.model["detokenizer_model"] = str(folder)
+    model = pretraining_model(config, tokenizer)
+    for part, source in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL)):
+        expected = source.from_pretrained(folder / part).state_dict()
+        loaded = getattr(model.detokenizer, part).state_dict()
+        assert loaded.keys() == expected.keys()
+        for name, value in expected.items():
+            assert torch.equal(loaded[name], value), f"{part}.{name}"
+    assert model.detokenizer.config.scheduler_config["beta_schedule"] == "scaled_linear"
+    assert model.config.detokenizer_config.num_null_tokens == 3
+    assert model.detokenizer.image_size == 16  # the folder's: 8x8 latents of a VAE that halves each side
+
+    model.detokenizer.save_pretrained(tmp_path / "detokenizer")
+    config.model["detokenizer_model"] = str(tmp_path / "detokenizer")
+    again = pretraining_model(config, tokenizer)
+    for name, value in model.detokenizer.state_dict().items():
+        assert torch.equal(again.detokenizer.state_dict()[name], value), name
 
 
 def test_a_stage_resumes_from_its_newest_checkpoint(tmp_path: Path) -> None:

@@ -241,6 +241,12 @@ BAD_STAGES = [
     ),
     pytest.param(
         "paper",
+        1,
+        setting("model", "detokenizer_config", "unet_config", remove=True),
+        r"model\.detokenizer_model \(stable-diffusion-v1-5/stable-diffusion-v1-5\) is not downloaded in a dry run",
+    ),
+    pytest.param(
+        "paper",
         2,
         setting("model", "text_config", remove=True),
         r"model\.text_config is needed: the architecture of lmsys/vicuna-7b-v1\.5",

@@ -5,9 +5,9 @@ misspelt, that the launcher's precision disagrees with the stage's, or that FSDP
 the model does not have. The dry run finds those on any machine: for each stage it builds the model configs the
 recipe builds, instantiates the model on the meta device (shapes without memory or weights), freezes and adapts it
 as the stage does (`trainable`, `lora`), builds the stage's `TrainingArguments`, and checks an `accelerate launch`
-config against them. Pretrained parts (`model.vision_model`, `model.text_model`, `model.language_model`) are not
-downloaded: their architectures come from the configs a YAML carries beside their ids
-(`model.setok_config.vision_config`, `model.text_config`).
+config against them. Pretrained parts (`model.vision_model`, `model.text_model`, `model.detokenizer_model`,
+`model.language_model`) are not downloaded: their architectures come from the configs a YAML carries beside their
+ids (`model.setok_config.vision_config`, `model.text_config`, `model.detokenizer_config.unet_config`).
 
 A stage that starts from an earlier one (2 from 1, 3 from 2) is built on that stage's saved config when `out`
 holds it and it is not run now, as `setok train` would; otherwise on the recipe's YAML of that stage.
@@ -55,7 +55,7 @@ DATA_KEYS = {
 }
 DATA_KEYS[3] = DATA_KEYS[2]
 TOKENIZER_KEYS = {1: {"name_or_path", "vocab_size"}, 2: set(), 3: set()}
-PRETRAINED_PARTS = {1: {"vision_model", "text_model"}, 2: {"language_model"}, 3: set()}
+PRETRAINED_PARTS = {1: {"vision_model", "text_model", "detokenizer_model"}, 2: {"language_model"}, 3: set()}
 # diffusers parts of the detokenizer config, checked against their constructors.
 DIFFUSERS_PARTS = {"unet_config": UNet2DConditionModel, "vae_config": AutoencoderKL, "scheduler_config": DDPMScheduler}
 # Parameter-name prefixes of the stage-1 model's parts; the first that matches names a parameter's part.
@@ -311,6 +311,12 @@ def pretraining_config(config: StageConfig, path: Path) -> SetokForPreTrainingCo
         raise ValueError(
             f"{path}: model.text_model ({text_model}) is not downloaded in a dry run; give its architecture as "
             "model.text_config"
+        )
+    detokenizer_model = values.pop("detokenizer_model", None)
+    if detokenizer_model is not None and "unet_config" not in values.get("detokenizer_config", {}):
+        raise ValueError(
+            f"{path}: model.detokenizer_model ({detokenizer_model}) is not downloaded in a dry run; give its "
+            "architecture as model.detokenizer_config.unet_config (and vae_config, scheduler_config)"
         )
     check_config_keys(values, SetokForPreTrainingConfig, f"{path}: model")
     if text_model is None:  # the phrase encoder reads the tokenizer the recipe trains

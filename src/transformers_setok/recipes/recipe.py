@@ -36,11 +36,12 @@ from transformers import (
     set_seed,
 )
 from transformers.trainer_utils import get_last_checkpoint
-from transformers.utils import logging
+from transformers.utils import CONFIG_NAME, cached_file, logging
 
 from ..configuration_mask_decoder import SetokimMaskDecoderConfig
 from ..configuration_setok_pretraining import SetokForPreTrainingConfig
 from ..image_processing_setok import SetokImageProcessor
+from ..modeling_setok_detokenizer import SetokDetokenizer
 from ..modeling_setok_pretraining import SetokForPreTraining
 from ..modeling_setokim import SetokimForConditionalGeneration, load_setok
 from ..processing_setokim import SetokimProcessor
@@ -53,6 +54,8 @@ logger = logging.get_logger(__name__)
 
 RECIPES_DIR = Path(__file__).resolve().parent
 STAGES = (1, 2, 3)
+# Parts of a detokenizer config that a pretrained detokenizer brings with its weights.
+DIFFUSERS_CONFIGS = ("unet_config", "vae_config", "scheduler_config")
 # Where stage 3 saves its trained LoRA adapters (inside the stage's folder), which it then merges into its model.
 ADAPTER_DIR = "adapter"
 
@@ -67,8 +70,10 @@ class StageConfig:
             how many times each task's records are used (a fraction uses the first ones).
         training: `TrainingArguments` keywords; `output_dir` is the stage's `checkpoints/` folder.
         model: stage 1: `SetokForPreTrainingConfig` keywords (`text_config` without its vocabulary, which the
-            tokenizer sets); stage 2: `text_config` of the language model built from scratch, `projector_type`,
-            `mask_decoder_config` and the `SetokimConfig` loss weights.
+            tokenizer sets) and the pretrained parts to start from, `vision_model`, `text_model` and
+            `detokenizer_model` (a Stable Diffusion folder or Hub id, or a saved `SetokDetokenizer`); stage 2:
+            `text_config` of the language model built from scratch, `projector_type`, `mask_decoder_config` and
+            the `SetokimConfig` loss weights.
         tokenizer: stage 1: the `vocab_size` of the tokenizer trained on the world's texts.
         trainable: stages 2 and 3: `set_trainable` keywords.
         lora: stage 3: `language_model_lora_config` keywords.
@@ -165,10 +170,12 @@ def text_tokenizer(config: StageConfig, out: Path, args: TrainingArguments) -> P
 
 
 def pretraining_model(config: StageConfig, tokenizer: PreTrainedTokenizerBase) -> SetokForPreTraining:
-    """The stage-1 model: built from `model`, its encoder and phrase encoder loaded from `model.vision_model`
-    and `model.text_model` when given (the paper's SigLIP), trained from scratch otherwise."""
+    """The stage-1 model: built from `model`, its encoder, phrase encoder and detokenizer loaded from
+    `model.vision_model`, `model.text_model` and `model.detokenizer_model` when given (the paper's SigLIP, a
+    Stable Diffusion), trained from scratch otherwise."""
     model_config = dict(config.model)
     vision_model, text_model = model_config.pop("vision_model", None), model_config.pop("text_model", None)
+    detokenizer_model = model_config.pop("detokenizer_model", None)
     setok = None
     if vision_model is not None:
         setok_kwargs = {k: v for k, v in model_config.get("setok_config", {}).items() if k != "vision_config"}
@@ -184,12 +191,33 @@ def pretraining_model(config: StageConfig, tokenizer: PreTrainedTokenizerBase) -
             "pad_token_id": tokenizer.pad_token_id,
         }
     set_seed(config.seed)
+    detokenizer = None
+    if detokenizer_model is not None:
+        detokenizer = pretrained_detokenizer(detokenizer_model, model_config.get("detokenizer_config", {}))
+        model_config["detokenizer_config"] = detokenizer.config
     model = SetokForPreTraining(SetokForPreTrainingConfig(**model_config))
     if setok is not None:
         model.setok.load_state_dict(setok.state_dict())
     if text is not None:
         model.concept_head.text_model.load_state_dict(text.state_dict())
+    if detokenizer is not None:
+        model.detokenizer.load_state_dict(detokenizer.state_dict())
     return model
+
+
+def pretrained_detokenizer(name_or_path: str | os.PathLike, settings: dict[str, Any]) -> SetokDetokenizer:
+    """A saved `SetokDetokenizer` (a folder or Hub id with its `config.json`), or else a Stable-Diffusion-style
+    one's U-Net, VAE and noise schedule (`SetokDetokenizer.from_stable_diffusion`). The U-Net, VAE and schedule
+    configs are the loaded ones; `settings` (the YAML's `detokenizer_config`) sets the rest, `token_size` first."""
+    settings = {key: value for key, value in settings.items() if key not in DIFFUSERS_CONFIGS}
+    if cached_file(name_or_path, CONFIG_NAME, _raise_exceptions_for_missing_entries=False) is not None:
+        return SetokDetokenizer.from_pretrained(name_or_path, **settings)
+    if "token_size" not in settings:
+        raise ValueError(
+            f"model.detokenizer_config.token_size is needed to start the detokenizer from {name_or_path}: the "
+            "width of the tokenizer's tokens (setok_config.token_size)"
+        )
+    return SetokDetokenizer.from_stable_diffusion(name_or_path, **settings)
 
 
 def train_stage1(config: StageConfig, out: Path) -> Path:
