@@ -303,3 +303,36 @@ def test_images_the_labels_ask_to_write_are_not_reduced() -> None:
     labels = ids.clone()
     with pytest.raises(ValueError, match="ask it to write images \\[0\\]"):
         model(input_ids=ids, attention_mask=mask, pixel_values=images(1), labels=labels, visual_token_keep=0.5)
+
+
+def test_a_second_turn_on_the_cache_keeps_what_the_first_turn_chose(model) -> None:
+    """Continuing from the first turn's cache, the first image keeps the tokens its first-turn prompt chose (its
+    cached positions are reused), the new image those the whole conversation chooses; greedy decoding by hand on
+    that sequence gives the same tokens."""
+    first_prompt = torch.tensor([[1, 5, *IMAGE, 6, 7]])
+    first = model.generate(
+        first_prompt, images(1), visual_token_keep=0.5, max_new_tokens=4, do_sample=False, return_dict_in_generate=True
+    )
+    conversation = torch.cat([first.sequences, torch.tensor([[9, *IMAGE, 10, 11]])], dim=1)
+    pixels = torch.cat([images(1), -images(1, seed=1).abs()])
+    continued = model.generate(
+        input_ids=conversation,
+        pixel_values=pixels,
+        past_key_values=first.past_key_values,
+        visual_token_keep=0.5,
+        max_new_tokens=4,
+        do_sample=False,
+    )
+    ones = torch.ones_like(conversation)
+    kept = [
+        reference_kept(model, first_prompt, torch.ones_like(first_prompt), images(1), 0.5)[0],
+        reference_kept(model, conversation, ones, pixels, 0.5)[1],
+    ]
+    ids, mask, image_embeds = reduced_inputs(model, conversation, ones, pixels, kept)
+    for _ in range(4):
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, image_embeds=image_embeds).logits[:, -1]
+        logits[:, IMAGE_TOKEN_ID] = -float("inf")  # as generation does: text never writes the placeholder
+        ids = torch.cat([ids, logits.argmax(dim=-1, keepdim=True)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    assert torch.equal(continued[:, conversation.shape[1] :], ids[:, -4:])
