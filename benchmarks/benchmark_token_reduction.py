@@ -214,6 +214,19 @@ def markdown(report: dict[str, Any]) -> str:
         else:
             cells = " | ".join(f"{methods[m]:.3f}" for m in METHODS)
             lines.append(f"| {keep:.1f} | {tokens[str(keep)]:.2f} | {cells} |")
+    colour = {(row["keep"], row["method"]): row["accuracy_colour"] for row in report["accuracy"]}
+    all_tokens = f"{colour[1.0, 'all tokens']:.3f}"
+    lines += [
+        "",
+        "## Colour questions",
+        "",
+        "The kind of question whose answers move when tokens are dropped at random (the tokens carry colour):",
+        "",
+        "| keep | prompt | prompt + merge | random |",
+        "|---:|---:|---:|---:|",
+        f"| 1.0 | {all_tokens} | {all_tokens} | {all_tokens} |",
+        *(f"| {keep:.1f} | " + " | ".join(f"{colour[keep, m]:.3f}" for m in METHODS) + " |" for keep in KEEPS[1:]),
+    ]
     lines += [
         "",
         f"## Prefill of one batch of {setup['prefill_batch']} questions (prompt-matched tokens)",
