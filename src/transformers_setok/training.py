@@ -29,6 +29,9 @@ from .processing_setokim import IMAGE_TOKEN, SetokimProcessor
 
 logger = logging.get_logger(__name__)
 
+# PIL modes whose pixels are one number each (a palette image's are its palette indices).
+SINGLE_CHANNEL_MODES = ("1", "L", "P", "I", "I;16", "F")
+
 # LLaVA / ShareGPT speaker names (`"from"`) and the chat roles they stand for.
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -50,11 +53,12 @@ class SetokimDataCollator:
     found through the chat template's `{% generation %}` markers; a conversation with no answer to learn from gets
     a warning. `pixel_values` is left out when the batch holds no image.
 
-    A referring-segmentation example adds `"mask"`: the referred region of its (last) image, any size (a boolean or
-    0/1 array, tensor or image). The collator then appends the answer, an image of that region alone (the image
-    with everything outside the mask greyed out), whose SeTok tokens are the ones the model learns to write, and
-    adds `target_masks` (`(segmentation rows, height, width)`, resized to `mask_size`) and `target_mask_rows` to the
-    batch, for the mask decoder's loss.
+    A referring-segmentation example adds `"mask"`: the referred region of its (last) image, at the image's size (a
+    boolean or 0/1 array, tensor or image, or the path of an image file, relative ones resolved like image paths,
+    whose nonzero pixels are the region). The collator then appends the answer, an image of that region alone (the
+    image with everything outside the mask greyed out), whose SeTok tokens are the ones the model learns to write,
+    and adds `target_masks` (`(segmentation rows, height, width)`, resized to `mask_size`) and `target_mask_rows`
+    to the batch, for the mask decoder's loss.
 
     `max_length` bounds the *text* tokens, each image counting as its three placeholder tokens: the model adds
     the image's own tokens on top in `forward`. A conversation that is too long loses whole trailing turns (a
@@ -85,7 +89,10 @@ class SetokimDataCollator:
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not examples:
             raise ValueError("examples: got an empty batch")
-        encoded, dropped_turns = zip(*(self.encode(example, index) for index, example in enumerate(examples)))
+        masks = [read_mask(example.get("mask"), self.image_folder) for example in examples]
+        encoded, dropped_turns = zip(
+            *(self.encode(example, index, mask) for index, (example, mask) in enumerate(zip(examples, masks)))
+        )
         if any(dropped_turns):
             logger.warning(
                 f"Dropped {sum(dropped_turns)} trailing turn(s) from {sum(map(bool, dropped_turns))} of "
@@ -109,7 +116,6 @@ class SetokimDataCollator:
         pixel_values = [item["pixel_values"] for item in encoded if "pixel_values" in item]
         if pixel_values:
             batch["pixel_values"] = torch.cat(pixel_values)
-        masks = [example.get("mask") for example in examples]
         if any(mask is not None for mask in masks):
             size = self.mask_size or (
                 self.processor.image_processor.size.height,
@@ -119,8 +125,9 @@ class SetokimDataCollator:
             batch["target_mask_rows"] = torch.tensor([mask is not None for mask in masks])
         return batch
 
-    def encode(self, example: dict[str, Any], index: int) -> tuple[dict[str, torch.Tensor], int]:
-        """Tokenize one conversation, dropping whole trailing turns until it fits; returns it and the turns dropped."""
+    def encode(self, example: dict[str, Any], index: int, mask: Any = None) -> tuple[dict[str, torch.Tensor], int]:
+        """Tokenize one conversation (a referring one when `mask`, its region, is given), dropping whole trailing
+        turns until it fits; returns it and the turns dropped."""
         messages, images = chat_messages(example, index)
         if not messages:
             raise ValueError(f"examples[{index}]: the conversation is empty")
@@ -131,8 +138,8 @@ class SetokimDataCollator:
                 "in order"
             )
         images = [self.read_image(image) for image in images]
-        if example.get("mask") is not None:
-            messages, images = with_region_answer(messages, images, example["mask"], index)
+        if mask is not None:
+            messages, images = with_region_answer(messages, images, mask, index)
         # A turn ends where the next user message starts; system messages before the first user stay with it.
         user_starts = [position for position, message in enumerate(messages) if message["role"] == "user"]
         turn_ends = [*user_starts[1:], len(messages)]
@@ -160,12 +167,25 @@ class SetokimDataCollator:
         return pad_sequence(sequences, batch_first=True, padding_value=value, padding_side=self.padding_side)
 
 
+def data_path(path: str | os.PathLike, image_folder: str | os.PathLike | None) -> Path:
+    """Where a data file is: relative paths are read from `image_folder` (or the working directory)."""
+    path = Path(path)
+    return path if image_folder is None or path.is_absolute() else Path(image_folder) / path
+
+
 def read_image(image: Any, image_folder: str | os.PathLike | None) -> Any:
-    """A path (relative to `image_folder`, or the working directory) read as an RGB image; images as they are."""
-    if not isinstance(image, (str, os.PathLike)):
-        return image
-    path = Path(image)
-    return load_image(path if image_folder is None or path.is_absolute() else Path(image_folder) / path)
+    """A path (see `data_path`) read as an RGB image; images as they are."""
+    return load_image(data_path(image, image_folder)) if isinstance(image, (str, os.PathLike)) else image
+
+
+def read_mask(mask: Any, image_folder: str | os.PathLike | None) -> Any:
+    """A mask file's path (see `data_path`) read as a boolean array whose nonzero pixels (palette indices in a
+    palette image, any channel in a colour one) are the object; masks as they are. JSON data holds masks so."""
+    if not isinstance(mask, (str, os.PathLike)):
+        return mask
+    with Image.open(data_path(mask, image_folder)) as image:
+        array = np.asarray(image if image.mode in SINGLE_CHANNEL_MODES else image.convert("RGB"))
+    return (array.any(axis=-1) if array.ndim == 3 else array) != 0
 
 
 def chat_messages(example: dict[str, Any], index: int) -> tuple[list[dict[str, Any]], list[Any]]:
