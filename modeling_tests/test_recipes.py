@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 
 from transformers_setok import SetokForPreTraining
 from transformers_setok.cli import main
-from transformers_setok.recipes import STAGES, StageConfig, stage_config_path
+from transformers_setok.recipes import STAGES, StageConfig, stage_config_path, train_stage
 from transformers_setok.recipes.dry_run import ACCELERATE_DIR, StagePlan, dry_run, format_report
 
 IMAGE_MARKERS = 3  # [Img], [/Img], <image>
@@ -142,6 +142,25 @@ def test_tiny_recipe_plans_for_the_multi_cpu_launcher(tmp_path: Path) -> None:
     sizes = (text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"])
     language_model = llama_parameters(512 + IMAGE_MARKERS, *sizes, tied=text["tie_word_embeddings"])
     assert stage3.parts["language_model"].frozen == language_model == stage2.parts["language_model"].total
+
+
+def test_ddp_looks_for_unused_parameters_where_a_batch_may_leave_a_trained_part_out(tmp_path: Path) -> None:
+    plans = {plan.stage: plan for plan in dry_run("tiny", STAGES, tmp_path / "run")}
+    # stage 1's batches reach every part; the Trainer's default stays
+    assert plans[1].arguments.ddp_find_unused_parameters is None
+    assert plans[2].arguments.ddp_find_unused_parameters and plans[3].arguments.ddp_find_unused_parameters
+    folder = recipe_copy(tmp_path, "tiny")
+    edit(folder, 2, setting("training", "ddp_find_unused_parameters", value=False))  # the YAML's choice wins
+    (plan,) = dry_run(folder, [2], tmp_path / "run")
+    assert plan.arguments.ddp_find_unused_parameters is False
+    only_the_language_model = {part: part == "language_model" for part in plans[2].parts}
+    edit(
+        folder,
+        2,
+        lambda c: (c["training"].pop("ddp_find_unused_parameters"), c.update(trainable=only_the_language_model)),
+    )
+    (plan,) = dry_run(folder, [2], tmp_path / "run")
+    assert plan.arguments.ddp_find_unused_parameters is None
 
 
 def test_the_report_prints_every_part_and_the_launcher(paper_plans: dict[int, StagePlan]) -> None:
@@ -457,3 +476,20 @@ def test_stage1_trains_as_one_job_of_two_cpu_processes(launcher: str, tmp_path: 
     sizes = (text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"])
     expected = llama_parameters(400 + IMAGE_MARKERS, *sizes, tied=text.get("tie_word_embeddings", False))
     assert stage2.parts["language_model"].total == expected
+
+
+def test_stage2_trains_in_two_cpu_processes_on_batches_that_leave_the_vision_head_unused(tmp_path: Path) -> None:
+    """Captions alone never reach the vision head. DDP must look for parameters without a gradient, which the
+    `Trainer` does not ask of a model with activation checkpointing (as the paper's stages 2 and 3 have)."""
+    recipe, out = micro_recipe(tmp_path / "recipe"), tmp_path / "run"
+    train_stage(StageConfig.from_file(recipe / "stage1.yaml"), out)
+    edit(
+        recipe,
+        2,
+        lambda c: (c["data"].update(tasks={"captions": 1}), c["training"].update(activation_checkpointing=True)),
+    )
+    arguments = ["--stage", "2", "--recipe", str(recipe), "--out", str(out)]
+    calls = run_recording_cli(LAUNCHERS["torchrun"](), arguments, tmp_path)
+    assert calls == {"rank0": [str(out / "stage2")], "rank1": [str(out / "stage2")]}
+    log = json.loads((out / "stage2" / "training_log.json").read_text())
+    assert log[-1]["step"] == 2

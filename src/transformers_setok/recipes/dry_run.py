@@ -154,7 +154,7 @@ def dry_run(
     for stage in stages:
         config, path = configs[stage]
         model, start = build_model(config, path, recipe, out, set(stages))
-        arguments = stage_arguments(config, path, out)
+        arguments = stage_arguments(config, path, out, model)
         if arguments.activation_checkpointing and not base_model(model).supports_gradient_checkpointing:
             raise ValueError(
                 f"{path}: training.activation_checkpointing: {type(base_model(model)).__name__} does not support "
@@ -389,14 +389,17 @@ def part_sizes(model: PreTrainedModel | PeftModel) -> dict[str, PartSize]:
     }
 
 
-def stage_arguments(config: StageConfig, path: Path, out: Path) -> TrainingArguments:
-    """The stage's `TrainingArguments` as the recipe builds them. On a machine without a GPU, a stage that trains
-    in bf16 or fp16 is checked with `use_cpu` (Transformers refuses mixed precision without a GPU otherwise)."""
+def stage_arguments(
+    config: StageConfig, path: Path, out: Path, model: PreTrainedModel | PeftModel
+) -> TrainingArguments:
+    """The stage's `TrainingArguments` as the recipe builds them for `model`. On a machine without a GPU, a stage
+    that trains in bf16 or fp16 is checked with `use_cpu` (Transformers refuses mixed precision without a GPU
+    otherwise)."""
     training = config.training
     if not torch.cuda.is_available() and (training.get("bf16") or training.get("fp16")):
         config = dataclasses.replace(config, training={**training, "use_cpu": True})
     try:
-        return training_arguments(config, stage_dir(out, config.stage))
+        return training_arguments(config, stage_dir(out, config.stage), model)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{path}: training: {error}") from error
 

@@ -47,7 +47,7 @@ from ..modeling_setokim import SetokimForConditionalGeneration, load_setok
 from ..processing_setokim import SetokimProcessor
 from ..shapes_world import TASKS, shapes_world
 from ..tokenizer_training import train_sentencepiece_tokenizer
-from ..training import SetokimDataCollator, language_model_lora_config, set_trainable
+from ..training import SetokimDataCollator, language_model_lora_config, model_parts, set_trainable
 from .world_data import SetokPretrainingCollator, chat_examples, world_texts
 
 logger = logging.get_logger(__name__)
@@ -122,13 +122,34 @@ def stage_dir(out: str | os.PathLike, stage: int) -> Path:
     return Path(out) / f"stage{stage}"
 
 
-def training_arguments(config: StageConfig, out: Path) -> TrainingArguments:
-    """The stage's `TrainingArguments`. Processes launched by `torchrun` or `accelerate launch` on a machine without
-    CUDA form one DDP job (gloo) only with `use_cpu`: without it each process would train alone on all the data."""
+def training_arguments(
+    config: StageConfig, out: Path, model: SetokimForConditionalGeneration | PeftModel | None = None
+) -> TrainingArguments:
+    """The stage's `TrainingArguments`; for stages 2 and 3, those of training `model` (frozen and adapted as the
+    stage trains it). Processes launched by `torchrun` or `accelerate launch` on a machine without CUDA form one DDP
+    job (gloo) only with `use_cpu`: without it each process would train alone on all the data. DDP is told to look
+    for parameters a batch leaves without a gradient where some may (`ddp_find_unused_parameters`, which the
+    `Trainer` leaves off for a model with activation checkpointing); the YAML's `training` overrides both."""
     several_cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    values = {"report_to": "none", "save_total_limit": 1, "use_cpu": several_cpu_processes, **config.training}
+    values = {"report_to": "none", "save_total_limit": 1, "use_cpu": several_cpu_processes}
+    if config.stage != 1 and model is not None and some_batches_skip_trainable_parts(model):
+        values["ddp_find_unused_parameters"] = True
+    values |= config.training
     values["seed"] = config.seed
     return TrainingArguments(output_dir=str(out / "checkpoints"), remove_unused_columns=False, **values)
+
+
+def some_batches_skip_trainable_parts(model: SetokimForConditionalGeneration | PeftModel) -> bool:
+    """Whether a Setokim trains a part that a batch may not reach: any but its language model (a text-only batch
+    skips the vision side and the projector, captions the vision head, all but referring examples the mask
+    decoder)."""
+    return any(
+        parameter.requires_grad
+        for part, modules in model_parts(model).items()
+        if part != "language_model"
+        for module in modules
+        for parameter in module.parameters()
+    )
 
 
 def run_trainer(trainer: Trainer, config: StageConfig, out: Path) -> None:
@@ -312,7 +333,10 @@ def train_chat_stage(config: StageConfig, out: Path) -> Path:
         mask_size=config.data.get("mask_size"),
     )
     trainer = Trainer(
-        model=model, args=training_arguments(config, folder), train_dataset=train_dataset, data_collator=collator
+        model=model,
+        args=training_arguments(config, folder, model),
+        train_dataset=train_dataset,
+        data_collator=collator,
     )
     run_trainer(trainer, config, folder)
     trainer.save_model(str(folder if config.lora is None else folder / ADAPTER_DIR))
