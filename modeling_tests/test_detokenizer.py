@@ -169,11 +169,42 @@ def test_from_stable_diffusion_reinitialises_only_cross_attention_of_another_wid
         (dict(condition_drop_prob=1.5), "condition_drop_prob"),
         (dict(coordinate_channels=4), "in_channels"),  # a 3-channel U-Net input has no room for the code
         (dict(coordinate_channels=6, unet_config=tiny_unet_config(in_channels=9)), "multiple of 4"),
+        (dict(timestep_sampling="lognormal"), "timestep_sampling"),
+        (dict(timestep_sampling="logit_normal", timestep_logit_std=0.0), "timestep_logit_std"),
     ],
 )
 def test_config_rejects_impossible_settings(change, argument) -> None:
     with pytest.raises(StrictDataclassError, match=argument):
         tiny_detokenizer_config(**change)
+
+
+def test_uniform_timesteps_are_drawn_as_before(detokenizer) -> None:
+    torch.manual_seed(3)
+    drawn = detokenizer.sample_timesteps(64, torch.device("cpu"))
+    torch.manual_seed(3)
+    assert torch.equal(drawn, torch.randint(0, detokenizer.noise_scheduler.config.num_train_timesteps, (64,)))
+
+
+def test_logit_normal_timesteps_follow_their_distribution() -> None:
+    """With mean 1 and std 0.5, `t / T = sigmoid(N(1, 0.25))`: its median is `sigmoid(1) T`, and `t >= T / 2` is
+    `P(N(1, 0.25) > 0) = 0.977`; the loss then runs on such timesteps."""
+    config = tiny_detokenizer_config(timestep_sampling="logit_normal", timestep_logit_mean=1.0, timestep_logit_std=0.5)
+    detokenizer = SetokDetokenizer(config)
+    torch.manual_seed(0)
+    drawn = detokenizer.sample_timesteps(20000, torch.device("cpu")).float()
+    steps = detokenizer.noise_scheduler.config.num_train_timesteps
+    assert abs(float(drawn.median()) - int(steps * torch.sigmoid(torch.tensor(1.0)).item())) <= 1
+    assert abs(float((drawn >= steps // 2).float().mean()) - 0.977) < 0.005
+    assert 0 <= int(drawn.min()) and int(drawn.max()) <= steps - 1
+    seen = []
+    hook = detokenizer.unet.register_forward_pre_hook(lambda module, args: seen.append(args[1].clone()))
+    images, tokens = torch.rand(4, 3, 8, 8) * 2 - 1, torch.randn(4, 2, TOKEN_SIZE)
+    torch.manual_seed(1)
+    detokenizer(images, tokens, torch.ones(4, 2, dtype=torch.bool))
+    hook.remove()
+    torch.manual_seed(1)
+    torch.randn(4, 3, 8, 8)  # the noise is drawn first
+    assert torch.equal(seen[0], detokenizer.sample_timesteps(4, torch.device("cpu")))
 
 
 def coordinate_detokenizer() -> SetokDetokenizer:

@@ -18,6 +18,7 @@ DEFAULT_UNET_CONFIG: dict[str, Any] = {
     "cross_attention_dim": 512,
     "attention_head_dim": 8,
 }
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
 DEFAULT_SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_schedule": "squaredcos_cap_v2",
@@ -54,6 +55,14 @@ class SetokDetokenizerConfig(PreTrainedConfig):
             Give the U-Net this many more input channels, a Fourier code of each pixel's position (a multiple of
             4: sine and cosine of `x` and `y` per frequency), so it can put a token's region where the token says
             it lies; `unet_config["in_channels"]` must then be the sample's channels plus these.
+        timestep_sampling (`str`, *optional*, defaults to `"uniform"`):
+            How training draws each image's diffusion timestep: `"uniform"` over all of them, or `"logit_normal"`
+            (as Stable Diffusion 3 trains: `t / T = sigmoid(N(timestep_logit_mean, timestep_logit_std))`). A
+            positive mean favours high noise, where the noisy image shows little and the tokens must say the rest.
+        timestep_logit_mean (`float`, *optional*, defaults to 0.0):
+            Mean of the logit-normal timestep distribution.
+        timestep_logit_std (`float`, *optional*, defaults to 1.0):
+            Standard deviation of the logit-normal timestep distribution.
     """
 
     model_type = "setok_detokenizer"
@@ -66,6 +75,9 @@ class SetokDetokenizerConfig(PreTrainedConfig):
     condition_drop_prob: float = 0.1
     initializer_range: float = 0.02
     coordinate_channels: int = 0
+    timestep_sampling: str = "uniform"
+    timestep_logit_mean: float = 0.0
+    timestep_logit_std: float = 1.0
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -93,6 +105,10 @@ class SetokDetokenizerConfig(PreTrainedConfig):
                     f"unet_config['out_channels'] ({self.unet_config['out_channels']}) must equal the VAE's "
                     f"latent_channels ({channels})"
                 )
+        if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLINGS}, got {self.timestep_sampling!r}")
+        if not self.timestep_logit_std > 0:
+            raise ValueError(f"timestep_logit_std must be > 0, got {self.timestep_logit_std}")
         if self.coordinate_channels < 0 or self.coordinate_channels % 4:
             raise ValueError(f"coordinate_channels must be a multiple of 4, got {self.coordinate_channels}")
         expected = channels + self.coordinate_channels

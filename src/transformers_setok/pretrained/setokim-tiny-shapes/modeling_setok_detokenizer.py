@@ -227,7 +227,7 @@ class SetokDetokenizer(PreTrainedModel):
         if noise is None:
             noise = torch.randn_like(latents)
         if timesteps is None:
-            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), device=latents.device)
+            timesteps = self.sample_timesteps(batch_size, latents.device)
         drop_condition = None
         if self.training and self.config.condition_drop_prob > 0:
             drop_condition = torch.rand(batch_size, device=latents.device) < self.config.condition_drop_prob
@@ -249,6 +249,15 @@ class SetokDetokenizer(PreTrainedModel):
             target = latents
         loss = nn.functional.mse_loss(model_output.float(), target.float())
         return SetokDetokenizerOutput(loss=loss, model_output=model_output, target=target)
+
+    def sample_timesteps(self, batch_size: int, device: torch.device) -> torch.LongTensor:
+        """Training timesteps, one per image, drawn as `config.timestep_sampling` says."""
+        num_timesteps = self.noise_scheduler.config.num_train_timesteps
+        config = self.config
+        if config.timestep_sampling == "uniform":
+            return torch.randint(0, num_timesteps, (batch_size,), device=device)
+        logits = torch.randn(batch_size, device=device) * config.timestep_logit_std + config.timestep_logit_mean
+        return (torch.sigmoid(logits) * num_timesteps).long().clamp(max=num_timesteps - 1)
 
     @classmethod
     def from_stable_diffusion(
