@@ -339,11 +339,11 @@ class SetokimModel(SetokimPreTrainedModel):
         if attention_mask is not None:
             query_mask &= attention_mask.bool()
         image_rows = placeholder_mask.nonzero()[:, 0]
-        no_query = sorted(set((~query_mask.any(dim=1))[image_rows].nonzero().flatten().tolist()))
-        if no_query:
+        rows_without_text = sorted(set(image_rows[~query_mask.any(dim=1)[image_rows]].tolist()))
+        if rows_without_text:
             raise ValueError(
-                f"visual_token_keep chooses an image's tokens by its prompt's text, but rows "
-                f"{sorted({int(image_rows[i]) for i in no_query})} hold no text besides special tokens and images"
+                f"visual_token_keep chooses an image's tokens by its prompt's text, but rows {rows_without_text} "
+                "hold no text besides special tokens and images"
             )
         return prompt_aware_token_reduction(
             image_embeds, token_mask, text_embeds, query_mask, keep, merge_dropped, image_rows

@@ -171,7 +171,7 @@ def keep_best_scored(
 
     tokens = image_embeds
     if merge_dropped:
-        tokens = merge_into_kept(image_embeds, nn.functional.normalize(image_embeds.float(), dim=-1), token_mask, kept)
+        tokens = merge_into_kept(image_embeds, token_mask, kept)
     gathered = tokens.gather(1, kept_indices[..., None].expand(-1, -1, tokens.shape[-1]))
     return TokenReductionOutput(
         image_embeds=gathered * kept_mask[..., None].to(gathered.dtype),
@@ -182,11 +182,10 @@ def keep_best_scored(
     )
 
 
-def merge_into_kept(
-    image_embeds: torch.Tensor, normalized: torch.Tensor, token_mask: torch.BoolTensor, kept: torch.BoolTensor
-) -> torch.Tensor:
+def merge_into_kept(image_embeds: torch.Tensor, token_mask: torch.BoolTensor, kept: torch.BoolTensor) -> torch.Tensor:
     """`image_embeds` where each kept token is the mean of itself and the dropped tokens nearest to it (cosine;
     ties to the lower index); dropped and padding slots are left as they are, since they are not read."""
+    normalized = nn.functional.normalize(image_embeds.float(), dim=-1)
     similarity = (normalized @ normalized.transpose(1, 2)).masked_fill(~kept[:, None, :], -torch.inf)
     positions = torch.arange(kept.shape[1], device=kept.device).expand_as(kept)
     target = torch.where(kept, positions, similarity.argmax(dim=-1))
