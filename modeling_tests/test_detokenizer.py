@@ -58,12 +58,36 @@ def test_loss_equals_a_hand_written_epsilon_objective(detokenizer) -> None:
     torch.testing.assert_close(loss, ((prediction - inputs["noise"]) ** 2).mean(), atol=1e-6, rtol=0)
 
 
-def test_masked_padding_does_not_change_the_loss(detokenizer) -> None:
+# U-Nets whose blocks only cross-attend (the tiny recipe's) run diffusers' first attention on the tokens too,
+# and diffusers calls it without the tokens' mask.
+UNET_KINDS = {"self and cross-attention": {}, "only cross-attention": {"only_cross_attention": True}}
+
+
+@pytest.mark.parametrize("unet_settings", UNET_KINDS.values(), ids=UNET_KINDS.keys())
+def test_masked_padding_changes_neither_the_loss_nor_the_drawing(unet_settings, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    config = tiny_detokenizer_config(unet_config=tiny_unet_config(**unet_settings))
+    detokenizer = randomize_weights(SetokDetokenizer(config), seed=4).eval()
     inputs = training_inputs()
     padded = dict(inputs)
     padded["tokens"] = torch.cat([inputs["tokens"], 50 * torch.randn(2, 3, TOKEN_SIZE)], dim=1)
     padded["token_mask"] = torch.cat([inputs["token_mask"], torch.zeros(2, 3, dtype=torch.bool)], dim=1)
     torch.testing.assert_close(detokenizer(**padded).loss, detokenizer(**inputs).loss, atol=1e-6, rtol=0)
+
+    SetokDetokenizerPipeline.from_detokenizer(detokenizer).save_pretrained(tmp_path)
+    pipeline = SetokDetokenizerPipeline.from_pretrained(tmp_path)  # a plain diffusers U-Net, as users load one
+    pipeline.set_progress_bar_config(disable=True)
+
+    def draw(tokens: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        images = pipeline(
+            tokens, token_mask, num_inference_steps=2, guidance_scale=2.0, generator=generator, output_type="pt"
+        )
+        return images.images
+
+    torch.testing.assert_close(
+        draw(padded["tokens"], padded["token_mask"]), draw(inputs["tokens"], inputs["token_mask"]), atol=1e-5, rtol=0
+    )
 
 
 def test_training_drops_the_condition_with_the_configured_probability() -> None:

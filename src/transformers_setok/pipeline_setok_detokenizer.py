@@ -14,7 +14,13 @@ from diffusers.schedulers import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .modeling_setok_detokenizer import SetokDetokenizer, SetokTokenConditioner, describe, pad_token_set
+from .modeling_setok_detokenizer import (
+    SetokDetokenizer,
+    SetokTokenConditioner,
+    describe,
+    pad_token_set,
+    use_token_set_attention,
+)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -46,6 +52,7 @@ class SetokDetokenizerPipeline(DiffusionPipeline):
         vae: AutoencoderKL | None = None,
     ) -> None:
         super().__init__()
+        use_token_set_attention(unet)
         self.register_modules(unet=unet, conditioner=conditioner, scheduler=scheduler, vae=vae)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
@@ -93,10 +100,8 @@ class SetokDetokenizerPipeline(DiffusionPipeline):
         """The U-Net's prediction; with guidance, the conditional and unconditional halves in one batched call."""
         if guidance_scale > 1.0:
             latents = torch.cat([latents, latents])
-        model_input = self.conditioner.unet_input(self.scheduler.scale_model_input(latents, timestep))
-        prediction = self.unet(
-            model_input, timestep, encoder_hidden_states=hidden_states, encoder_attention_mask=attention_mask
-        ).sample
+        model_input = self.scheduler.scale_model_input(latents, timestep)
+        prediction = self.conditioner.predict(self.unet, model_input, timestep, hidden_states, attention_mask)
         if guidance_scale > 1.0:
             conditional, unconditional = prediction.chunk(2)
             prediction = unconditional + guidance_scale * (conditional - unconditional)

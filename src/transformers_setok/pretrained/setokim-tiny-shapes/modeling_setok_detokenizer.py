@@ -1,7 +1,8 @@
 """The SeTok detokenizer: a diffusers `UNet2DConditionModel` that cross-attends to an image's SeTok tokens.
 
 The tokens are a padded *set* (a different count per image), so the U-Net reads them as
-`encoder_hidden_states` with a full-length `encoder_attention_mask`; padding slots get exactly zero attention.
+`encoder_hidden_states` with a full-length `encoder_attention_mask`; padding slots get exactly zero attention, in
+every attention that reads the tokens (`TokenSetAttnProcessor`).
 Learned null tokens stand in for the tokens when training for classifier-free guidance.
 """
 
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 from transformers import PreTrainedModel
@@ -56,6 +58,37 @@ def pad_token_set(
     return nn.functional.pad(tokens, (0, 0, 0, extra)), nn.functional.pad(token_mask, (0, extra))
 
 
+class TokenSetAttnProcessor(AttnProcessor2_0):
+    """diffusers' attention, with the token set's padding masked in every attention that reads the tokens.
+
+    Blocks built with `only_cross_attention` (the tiny recipe's U-Net) attend to the tokens in their first
+    attention as well, which diffusers calls with the image's self-attention mask (none), not the tokens': padding
+    slots would get attention there, and a drawing would change with its batch's padding. The tokens' mask comes
+    as `token_bias` through `cross_attention_kwargs` and stands in wherever the tokens are read without a mask.
+    """
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        token_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if attention_mask is None and encoder_hidden_states is not None:
+            attention_mask = token_bias
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+def use_token_set_attention(unet: UNet2DConditionModel) -> None:
+    """Swap diffusers' default attention processors of `unet` for `TokenSetAttnProcessor`; others are kept."""
+    processors = unet.attn_processors
+    unet.set_attn_processor(
+        {name: TokenSetAttnProcessor() if type(p) is AttnProcessor2_0 else p for name, p in processors.items()}
+    )
+
+
 class SetokTokenConditioner(ModelMixin, ConfigMixin):
     """SeTok tokens -> the U-Net's `encoder_hidden_states` and `encoder_attention_mask`.
 
@@ -93,6 +126,25 @@ class SetokTokenConditioner(ModelMixin, ConfigMixin):
         ys, xs = ys.expand(height, width, -1), xs.expand(height, width, -1)
         code = torch.cat([xs.sin(), xs.cos(), ys.sin(), ys.cos()], dim=-1).permute(2, 0, 1)
         return torch.cat([sample, code[None].expand(batch_size, -1, -1, -1)], dim=1)
+
+    def predict(
+        self,
+        unet: UNet2DConditionModel,
+        sample: torch.Tensor,
+        timesteps: torch.Tensor,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.BoolTensor,
+    ) -> torch.Tensor:
+        """The U-Net's output for a noisy `sample`, reading the projected tokens `hidden_states` (from `forward`)
+        through the coordinate channels and `attention_mask` in every attention (`TokenSetAttnProcessor`)."""
+        token_bias = (1 - attention_mask.to(hidden_states.dtype)) * -10000.0  # diffusers' own mask-to-bias
+        return unet(
+            self.unet_input(sample),
+            timesteps,
+            encoder_hidden_states=hidden_states,
+            encoder_attention_mask=attention_mask,
+            cross_attention_kwargs={"token_bias": token_bias[:, None, :]},
+        ).sample
 
     def check_tokens(self, tokens: torch.Tensor, token_mask: torch.Tensor) -> None:
         """Raise a `ValueError` naming the argument for tokens or masks the U-Net cannot read."""
@@ -163,6 +215,7 @@ class SetokDetokenizer(PreTrainedModel):
             coordinate_channels=config.coordinate_channels,
         )
         self.unet = UNet2DConditionModel.from_config(config.unet_config)
+        use_token_set_attention(self.unet)
         self.vae = AutoencoderKL.from_config(config.vae_config) if config.vae_config is not None else None
         if self.vae is not None:
             self.vae.requires_grad_(False)
@@ -234,12 +287,7 @@ class SetokDetokenizer(PreTrainedModel):
 
         hidden_states, attention_mask = self.conditioner(tokens, token_mask, drop_condition=drop_condition)
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        model_output = self.unet(
-            self.conditioner.unet_input(noisy),
-            timesteps,
-            encoder_hidden_states=hidden_states,
-            encoder_attention_mask=attention_mask,
-        ).sample
+        model_output = self.conditioner.predict(self.unet, noisy, timesteps, hidden_states, attention_mask)
         prediction_type = scheduler.config.prediction_type
         if prediction_type == "epsilon":
             target = noise
