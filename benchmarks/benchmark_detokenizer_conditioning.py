@@ -22,17 +22,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from benchmark_token_content import load_parts
 from machine import machine_info
 from PIL import Image
 from tqdm import tqdm
-from transformers import AutoConfig
 
 from transformers_setok import (
     SetokDetokenizer,
     SetokDetokenizerConfig,
-    SetokForPreTraining,
     SetokImageProcessor,
-    SetokimForConditionalGeneration,
     SetokModel,
     shapes_world,
 )
@@ -41,15 +39,6 @@ from transformers_setok.cli.demo import SHIPPED_MODEL
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TIMESTEPS = (999, 700)
 VARIANTS = (("tokens", "uniform"), ("oracle", "uniform"), ("oracle", "high"))
-
-
-def load_parts(path: str | Path) -> tuple[SetokModel, SetokDetokenizer]:
-    """The SeTok tokenizer and detokenizer of a Setokim or a stage-1 (`SetokForPreTraining`) folder."""
-    if AutoConfig.from_pretrained(path).model_type == "setokim":
-        model = SetokimForConditionalGeneration.from_pretrained(path)
-        return model.model.setok.eval(), model.detokenizer.eval()
-    model = SetokForPreTraining.from_pretrained(path)
-    return model.setok.eval(), model.detokenizer.eval()
 
 
 def oracle_tokens(
@@ -74,14 +63,15 @@ def oracle_tokens(
 
 
 def token_sets(
-    setok: SetokModel, seed: int, num_scenes: int, source: str, batch_size: int = 100
-) -> tuple[torch.Tensor, torch.Tensor, torch.BoolTensor]:
-    """Pixel values, token sets (the tokenizer's or the oracle's, padded to `max_tokens`) and masks of a seed."""
+    setok: SetokModel, seed: int, num_scenes: int, batch_size: int = 100
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.BoolTensor]]:
+    """Per token source ("tokens": the tokenizer's, "oracle"): a seed's pixel values, token sets padded to
+    `max_tokens`, and their masks; one tokenizer pass serves both."""
     size = setok.config.vision_config.image_size
     image_processor = SetokImageProcessor(size={"height": size, "width": size})
     scenes = list(shapes_world(seed, num_scenes, size, tasks=("captions",))["captions"])
     max_tokens = setok.config.max_tokens
-    images, tokens, masks = [], [], []
+    images, tokens, oracles, masks = [], [], [], []
     for start in range(0, num_scenes, batch_size):
         pixel_values = image_processor([s["image"] for s in scenes[start : start + batch_size]], return_tensors="pt")
         pixel_values = pixel_values["pixel_values"]
@@ -89,14 +79,12 @@ def token_sets(
             out = setok(pixel_values)
         padding = max_tokens - out.tokens.shape[1]
         mask = torch.nn.functional.pad(out.token_mask, (0, padding))
-        if source == "oracle":
-            token = oracle_tokens(pixel_values, out.assignment, mask, setok.config.token_size)
-        else:
-            token = torch.nn.functional.pad(out.tokens, (0, 0, 0, padding))
         images.append(pixel_values)
-        tokens.append(token)
+        tokens.append(torch.nn.functional.pad(out.tokens, (0, 0, 0, padding)))
+        oracles.append(oracle_tokens(pixel_values, out.assignment, mask, setok.config.token_size))
         masks.append(mask)
-    return torch.cat(images), torch.cat(tokens), torch.cat(masks)
+    images, masks = torch.cat(images), torch.cat(masks)
+    return {"tokens": (images, torch.cat(tokens), masks), "oracle": (images, torch.cat(oracles), masks)}
 
 
 def train_fresh(
@@ -127,18 +115,17 @@ def measure(detokenizer: SetokDetokenizer, data: tuple[torch.Tensor, ...]) -> tu
     images, tokens, masks = data
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
     other = torch.roll(torch.arange(len(images)), 1)
-    metrics, predictions = {}, None
+    metrics, predictions = {}, {}
     with torch.inference_mode():
         for t in TIMESTEPS:
             timesteps = torch.full((len(images),), t)
             own = detokenizer(images, tokens, masks, noise=noise, timesteps=timesteps)
             swapped = detokenizer(images, tokens[other], masks[other], noise=noise, timesteps=timesteps)
-            prediction = own.model_output.clamp(-1, 1)
-            mse = ((prediction - images) ** 2).mean() / 4  # [-1, 1] -> [0, 1]
+            predictions[t] = own.model_output.clamp(-1, 1)
+            mse = ((predictions[t] - images) ** 2).mean() / 4  # [-1, 1] -> [0, 1]
             metrics[f"psnr_t{t}"] = float(10 * torch.log10(1 / mse))
             metrics[f"ratio_t{t}"] = float(swapped.loss / own.loss)
-            predictions = prediction if predictions is None else predictions
-    return metrics, predictions
+    return metrics, predictions[TIMESTEPS[0]]
 
 
 def picture(rows: list[tuple[str, torch.Tensor]], path: Path, columns: int = 10) -> None:
@@ -160,13 +147,8 @@ def main() -> None:
     parser.add_argument("--test-scenes", type=int, default=64)
     args = parser.parse_args()
     setok, shipped = load_parts(args.model)
-    data = {
-        source: (
-            token_sets(setok, 0, args.train_scenes, source),
-            token_sets(setok, 1, args.test_scenes, source),
-        )
-        for source in ("tokens", "oracle")
-    }
+    train, test = token_sets(setok, 0, args.train_scenes), token_sets(setok, 1, args.test_scenes)
+    data = {source: (train[source], test[source]) for source in train}
     reference, reference_pictures = measure(shipped, data["tokens"][1])
     rows = [{"detokenizer": "the model's own (trained in stage 1)", "tokens": "tokens", **reference}]
     pictures = [("images", data["tokens"][1][0]), ("model's own", reference_pictures)]

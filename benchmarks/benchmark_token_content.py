@@ -24,6 +24,7 @@ from machine import machine_info
 from transformers import AutoConfig
 
 from transformers_setok import (
+    SetokDetokenizer,
     SetokForPreTraining,
     SetokImageProcessor,
     SetokimForConditionalGeneration,
@@ -36,14 +37,18 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ATTRIBUTES = ("colour", "shape")
 
 
+def load_parts(path: str | Path) -> tuple[SetokModel, SetokDetokenizer]:
+    """The SeTok tokenizer and detokenizer of a Setokim or a stage-1 (`SetokForPreTraining`) folder."""
+    if AutoConfig.from_pretrained(path).model_type == "setokim":
+        model = SetokimForConditionalGeneration.from_pretrained(path)
+        return model.model.setok.eval(), model.detokenizer.eval()
+    model = SetokForPreTraining.from_pretrained(path)
+    return model.setok.eval(), model.detokenizer.eval()
+
+
 def load_tokenizer(path: str | Path) -> tuple[SetokModel, SetokImageProcessor]:
-    """The SeTok tokenizer of a Setokim or a stage-1 (`SetokForPreTraining`) folder, and its image processor."""
-    model_type = AutoConfig.from_pretrained(path).model_type
-    if model_type == "setokim":
-        setok = SetokimForConditionalGeneration.from_pretrained(path).model.setok
-    else:
-        setok = SetokForPreTraining.from_pretrained(path).setok
-    return setok.eval(), SetokImageProcessor.from_pretrained(path)
+    """The SeTok tokenizer of a Setokim or a stage-1 folder, and its image processor."""
+    return load_parts(path)[0], SetokImageProcessor.from_pretrained(path)
 
 
 def object_features(
