@@ -220,7 +220,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "## Colour questions",
         "",
-        "The kind of question whose answers move when tokens are dropped at random (the tokens carry colour):",
+        "The questions about what the tokens carry best (a linear probe reads colour from an object's token):",
         "",
         "| keep | prompt | prompt + merge | random |",
         "|---:|---:|---:|---:|",

@@ -35,7 +35,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{task}: " + ", ".join(f"{name} {value:g}" for name, value in metrics.items()))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        report = {"model": str(args.model), "seed": args.seed, "num_scenes": args.num_scenes, "metrics": results}
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"metrics written to {args.json}")
     if args.write_card:
