@@ -25,6 +25,7 @@ from transformers_setok.recipes import (
 )
 from transformers_setok.recipes.recipe import RECIPES_DIR, pretraining_model
 from transformers_setok.tokenizer_training import train_sentencepiece_tokenizer
+from transformers_setok.training import model_parts
 
 MICRO_MODEL = {
     1: {
@@ -126,10 +127,16 @@ def test_every_stage_saves_a_model_the_next_stage_starts_from(micro_run: Path) -
     pretrained = SetokForPreTraining.from_pretrained(micro_run / "stage1")
     stage2 = SetokimForConditionalGeneration.from_pretrained(micro_run / "stage2")
     final = SetokimForConditionalGeneration.from_pretrained(micro_run / "stage3")
-    # the tokenizer trains in stage 1 only: stages 2 and 3 keep it bit for bit
-    for model in (stage2, final):
-        for name, value in pretrained.setok.state_dict().items():
-            assert torch.equal(model.model.setok.state_dict()[name], value), name
+    # stage 2 keeps the tokenizer bit for bit; stage 3 trains its encoder and merger (copies beside the LoRA
+    # adapters, merged back) and nothing else of it
+    for name, value in pretrained.setok.state_dict().items():
+        assert torch.equal(stage2.model.setok.state_dict()[name], value), name
+    tokenizer_moved = {
+        name.split(".")[0]
+        for name, value in stage2.model.setok.state_dict().items()
+        if not torch.equal(final.model.setok.state_dict()[name], value)
+    }
+    assert tokenizer_moved == {"vision_model", "merger"}  # (the micro encoder is the merger's width: no projection)
     for name, value in pretrained.detokenizer.state_dict().items():
         assert torch.equal(final.detokenizer.state_dict()[name], value), name
     # stage 3 merged its LoRA adapters: a plain Setokim whose language model and heads moved
@@ -143,6 +150,31 @@ def test_every_stage_saves_a_model_the_next_stage_starts_from(micro_run: Path) -
     assert any(name.startswith("model.language_model.") for name in moved)
     assert any(name.startswith("mask_decoder.") for name in moved)
     assert any(name.startswith("vision_head.") for name in moved)
+
+
+def test_stage3_trains_the_encoder_and_merger_at_their_own_learning_rate(
+    micro_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(micro_run / "stage2", run / "stage2")
+    rates = {}
+    create_optimizer = Trainer.create_optimizer
+
+    def recording_create_optimizer(self: Trainer, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        optimizer = create_optimizer(self, model)
+        group_rate = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+        for part, modules in model_parts(self.model).items():
+            part_rates = {group_rate[id(p)] for m in modules for p in m.parameters() if id(p) in group_rate}
+            if part_rates:
+                rates[part] = part_rates
+        return optimizer
+
+    monkeypatch.setattr(Trainer, "create_optimizer", recording_create_optimizer)
+    config = StageConfig.from_file(micro_recipe(tmp_path / "recipe") / "stage3.yaml")
+    train_stage(config, run)
+    assert config.learning_rates == {"vision_encoder": 1e-4, "merger": 1e-4}  # the tiny recipe's
+    heads = {part: {1e-3} for part in ("projector", "language_model", "vision_head", "mask_decoder")}
+    assert rates == {"vision_encoder": {1e-4}, "merger": {1e-4}} | heads
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -319,6 +351,9 @@ def test_stage_configs_reject_what_they_cannot_mean(tmp_path: Path) -> None:
         StageConfig.from_file(path)
     path.write_text(yaml.safe_dump({"stage": 2, "data": {}, "training": {}, "lora": {"r": 4}}))
     with pytest.raises(ValueError, match="lora"):
+        StageConfig.from_file(path)
+    path.write_text(yaml.safe_dump({"stage": 1, "data": {}, "training": {}, "learning_rates": {"merger": 1e-4}}))
+    with pytest.raises(ValueError, match="stage 1 has one rate"):
         StageConfig.from_file(path)
     with pytest.raises(FileNotFoundError, match="tiny"):
         stage_config_path(tmp_path / "nowhere", 1)

@@ -174,6 +174,8 @@ def test_the_report_prints_every_part_and_the_launcher(paper_plans: dict[int, St
         "  launch: accelerate/fsdp.yaml: FSDP1 FULL_SHARD, one unit per LlamaDecoderLayer (32); 8 processes on 1 "
         "machine",
     ]
+    # stage 3's projector at the official --mm_projector_lr, beside the rest's rate
+    assert "  precision: bf16, learning rate 0.001, projector 2e-05, cosine" in format_report([paper_plans[3]])
 
 
 def test_steps_count_the_records_of_local_train_files(tmp_path: Path) -> None:
@@ -244,6 +246,24 @@ BAD_STAGES = [
     pytest.param("tiny", 2, setting("trainable", "vision_tower", value=True), r"trainable: unknown keys"),
     pytest.param("tiny", 2, setting("model", "mask_weight", value=1.0), r"model: unknown keys \['mask_weight'\]"),
     pytest.param("tiny", 3, setting("lora", "rank", value=4), r"stage3\.yaml: lora: .*'rank'"),
+    pytest.param(
+        "tiny",
+        3,
+        setting("learning_rates", "vision_tower", value=1e-4),
+        r"learning_rates: unknown keys \['vision_tower'\]",
+    ),
+    pytest.param(
+        "tiny",
+        3,
+        setting("trainable", "merger", value=False),
+        r"stage3\.yaml: learning_rates: learning_rates names \['merger'\], which train no parameter here",
+    ),
+    pytest.param(
+        "tiny",
+        3,
+        setting("lora", "modules_to_save", value=["multi_modal_projector", "vision_head", "mask_decoder"]),
+        r"stage3\.yaml: trainable parts \['merger', 'vision_encoder'\] train outside the LoRA adapters",
+    ),
     pytest.param("tiny", 3, setting("model", value={"projector_type": "linear"}), r"starts from stage 2's model"),
     pytest.param("tiny", 2, setting("stage", value=3), r"says stage 3, but it is the recipe's stage2\.yaml"),
     pytest.param(

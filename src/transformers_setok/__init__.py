@@ -35,6 +35,7 @@ from .modeling_setokim import (
     SetokimModelOutputWithPast,
     SetokimPreTrainedModel,
 )
+from .part_learning_rates import part_learning_rates
 from .pipeline_setok_detokenizer import SetokDetokenizerPipeline, SetokDetokenizerPipelineOutput
 from .processing_setokim import IMAGE_END_TOKEN, IMAGE_START_TOKEN, IMAGE_TOKEN, SetokimProcessor
 from .scene_reader import ReadObject, edit_applied, read_scene, shows_prompt
@@ -109,6 +110,7 @@ __all__ = [
     "density_peak_clustering",
     "draw_token_regions",
     "language_model_lora_config",
+    "part_learning_rates",
     "set_trainable",
     "token_label_map",
     "TokenReductionOutput",

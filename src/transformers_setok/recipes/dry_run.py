@@ -40,8 +40,16 @@ from ..configuration_setok_pretraining import SetokForPreTrainingConfig
 from ..configuration_setokim import SetokimConfig
 from ..modeling_setok_pretraining import SetokForPreTraining
 from ..modeling_setokim import SetokimForConditionalGeneration
+from ..part_learning_rates import PartLearningRates
 from ..training import language_model_lora_config, model_parts, set_trainable
-from .recipe import RECIPES_DIR, StageConfig, stage_config_path, stage_dir, training_arguments
+from .recipe import (
+    RECIPES_DIR,
+    StageConfig,
+    check_adapters_hold_what_trains,
+    stage_config_path,
+    stage_dir,
+    training_arguments,
+)
 
 ACCELERATE_DIR = RECIPES_DIR / "accelerate"
 # `[Img]`, `[/Img]` and `<image>`: added to the language model's tokenizer when the Setokim is composed.
@@ -102,6 +110,7 @@ class StagePlan:
     model_class: str
     parts: dict[str, PartSize]
     arguments: TrainingArguments
+    learning_rates: dict[str, float]
     launch: LaunchPlan | None
     examples: int | None
     data_note: str
@@ -160,6 +169,11 @@ def dry_run(
                 f"{path}: training.activation_checkpointing: {type(base_model(model)).__name__} does not support "
                 "activation checkpointing; leave it out"
             )
+        if config.learning_rates:
+            try:
+                PartLearningRates(config.learning_rates, arguments)(model)
+            except ValueError as error:
+                raise ValueError(f"{path}: learning_rates: {error}") from error
         examples, data_note = count_examples(config, path)
         launch = None if cluster is None else check_launch(cluster, launch_path, stage, arguments, model)
         plans.append(
@@ -170,6 +184,7 @@ def dry_run(
                 model_class=type(base_model(model)).__name__,
                 parts=part_sizes(model),
                 arguments=arguments,
+                learning_rates=config.learning_rates,
                 launch=launch,
                 examples=examples,
                 data_note=data_note,
@@ -222,7 +237,9 @@ def read_stage(recipe: str | os.PathLike, stage: int) -> tuple[StageConfig, Path
         raise ValueError(f"{path}: trainable: stage 1 freezes by model.freeze_vision_model / freeze_text_model")
     if stage == 3 and config.model:
         raise ValueError(f"{path}: model: stage 3 starts from stage 2's model; its model keys would go unused")
-    check_keys(config.trainable, set(inspect.signature(set_trainable).parameters) - {"model"}, f"{path}: trainable")
+    parts = set(inspect.signature(set_trainable).parameters) - {"model"}
+    check_keys(config.trainable, parts, f"{path}: trainable")
+    check_keys(config.learning_rates, parts, f"{path}: learning_rates")
     return config, path
 
 
@@ -288,6 +305,11 @@ def build_model(
         except (TypeError, ValueError) as error:
             raise ValueError(f"{path}: lora: {error}") from error
     set_trainable(model, **config.trainable)
+    if isinstance(model, PeftModel):
+        try:
+            check_adapters_hold_what_trains(model)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from error
     return model, start
 
 
@@ -581,7 +603,10 @@ def format_report(plans: Sequence[StagePlan]) -> str:
             lines.append(f"  steps: {epochs} of examples not counted here")
         lines.append(f"  data: {plan.data_note}")
         precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
-        lines.append(f"  precision: {precision}, learning rate {args.learning_rate:g}, {args.lr_scheduler_type.value}")
+        rates = "".join(f", {part} {rate:g}" for part, rate in plan.learning_rates.items())
+        lines.append(
+            f"  precision: {precision}, learning rate {args.learning_rate:g}{rates}, {args.lr_scheduler_type.value}"
+        )
         if plan.launch is not None:
             launch = plan.launch
             processes = plural(launch.num_processes, "process", "processes")

@@ -44,6 +44,7 @@ from ..image_processing_setok import SetokImageProcessor
 from ..modeling_setok_detokenizer import SetokDetokenizer
 from ..modeling_setok_pretraining import SetokForPreTraining
 from ..modeling_setokim import SetokimForConditionalGeneration, load_setok
+from ..part_learning_rates import part_learning_rates
 from ..processing_setokim import SetokimProcessor
 from ..shapes_world import TASKS, shapes_world
 from ..tokenizer_training import train_sentencepiece_tokenizer
@@ -76,6 +77,8 @@ class StageConfig:
             the `SetokimConfig` loss weights.
         tokenizer: stage 1: the `vocab_size` of the tokenizer trained on the world's texts.
         trainable: stages 2 and 3: `set_trainable` keywords.
+        learning_rates: stages 2 and 3: a learning rate of its own for some trainable parts (`set_trainable`'s
+            names), the rest learning at `training.learning_rate` (`part_learning_rates`).
         lora: stage 3: `language_model_lora_config` keywords.
         seed: seed of the model's initialisation and the data order.
     """
@@ -86,6 +89,7 @@ class StageConfig:
     model: dict[str, Any] = field(default_factory=dict)
     tokenizer: dict[str, Any] = field(default_factory=dict)
     trainable: dict[str, Any] = field(default_factory=dict)
+    learning_rates: dict[str, float] = field(default_factory=dict)
     lora: dict[str, Any] | None = None
     seed: int = 0
 
@@ -94,6 +98,8 @@ class StageConfig:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if self.lora is not None and self.stage != 3:
             raise ValueError(f"lora is stage 3's (instruction tuning), got it in stage {self.stage}")
+        if self.learning_rates and self.stage == 1:
+            raise ValueError("learning_rates are for the parts of a Setokim, stages 2 and 3; stage 1 has one rate")
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> StageConfig:
@@ -318,6 +324,8 @@ def train_chat_stage(config: StageConfig, out: Path) -> Path:
     if config.lora is not None:
         model = get_peft_model(model, language_model_lora_config(**config.lora))
     counts = set_trainable(model, **config.trainable)
+    if isinstance(model, PeftModel):
+        check_adapters_hold_what_trains(model)
     logger.warning(f"Stage {config.stage} trains {counts} parameters per part")
     train_dataset = data_files(config)
     if train_dataset is None:
@@ -332,11 +340,13 @@ def train_chat_stage(config: StageConfig, out: Path) -> Path:
         image_folder=config.data.get("image_folder"),
         mask_size=config.data.get("mask_size"),
     )
+    args = training_arguments(config, folder, model)
     trainer = Trainer(
         model=model,
-        args=training_arguments(config, folder, model),
+        args=args,
         train_dataset=train_dataset,
         data_collator=collator,
+        optimizer_cls_and_kwargs=part_learning_rates(args, config.learning_rates) if config.learning_rates else None,
     )
     run_trainer(trainer, config, folder)
     trainer.save_model(str(folder if config.lora is None else folder / ADAPTER_DIR))
@@ -347,6 +357,24 @@ def train_chat_stage(config: StageConfig, out: Path) -> Path:
         processor.save_pretrained(str(folder))
     trainer.accelerator.wait_for_everyone()
     return folder
+
+
+def check_adapters_hold_what_trains(model: PeftModel) -> None:
+    """Refuse a LoRA stage that trains weights outside its adapters: it saves only the adapters (with the
+    `modules_to_save` copies), so such weights would train and then be lost."""
+    adapter_names = set(model.peft_config)
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    lost = [
+        part
+        for part, modules in model_parts(model).items()
+        for module in modules
+        if any(p.requires_grad and adapter_names.isdisjoint(names[id(p)].split(".")) for p in module.parameters())
+    ]
+    if lost:
+        raise ValueError(
+            f"trainable parts {sorted(set(lost))} train outside the LoRA adapters, which are all a LoRA stage saves: "
+            "add their modules to lora.modules_to_save (`setok` holds the vision encoder and merger) or freeze them"
+        )
 
 
 def merged_model(base: Path, adapter: Path) -> SetokimForConditionalGeneration:
