@@ -24,6 +24,7 @@ from transformers_setok.recipes import (
     train_stage,
 )
 from transformers_setok.recipes.recipe import RECIPES_DIR, pretraining_model
+from transformers_setok.recipes.training_card import stage_summary
 from transformers_setok.tokenizer_training import train_sentencepiece_tokenizer
 from transformers_setok.training import model_parts
 
@@ -175,6 +176,18 @@ def test_stage3_trains_the_encoder_and_merger_at_their_own_learning_rate(
     assert config.learning_rates == {"vision_encoder": 1e-4, "merger": 1e-4}  # the tiny recipe's
     heads = {part: {1e-3} for part in ("projector", "language_model", "vision_head", "mask_decoder")}
     assert rates == {"vision_encoder": {1e-4}, "merger": {1e-4}} | heads
+
+
+def test_the_card_says_what_each_stage_trained_and_at_which_rates(micro_run: Path) -> None:
+    summary = stage_summary(micro_run / "stage3")
+    assert summary.startswith("- **Stage 3**: 2 steps of 2 examples; lr 0.001 (cosine, ")
+    settings = summary.split("; ")
+    rates = settings[1].removeprefix("lr 0.001 (cosine, ").removesuffix(")").split(", ")
+    assert sorted(rates) == ["merger 0.0001", "vision_encoder 0.0001"]
+    (trains,) = [setting for setting in settings if setting.startswith("trains ")]
+    parts = {"vision_encoder", "merger", "projector", "language_model", "vision_head", "mask_decoder"}
+    assert set(trains.removeprefix("trains ").split(", ")) == parts
+    assert "trains" not in stage_summary(micro_run / "stage1")  # stage 1 trains its whole model
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

@@ -42,11 +42,15 @@ def stage_summary(stage_folder: Path) -> str:
     training = config["training"]
     data = config["data"]
     tasks = ", ".join(f"{task} x{weight}" for task, weight in data.get("tasks", {"captions": 1}).items())
+    rates = "".join(f", {part} {rate}" for part, rate in config.get("learning_rates", {}).items())
     parts = [
         f"{training['max_steps']} steps of {training['per_device_train_batch_size']} examples",
-        f"lr {training['learning_rate']} ({training.get('lr_scheduler_type', 'linear')})",
+        f"lr {training['learning_rate']} ({training.get('lr_scheduler_type', 'linear')}{rates})",
         f"data: {tasks} of {data['num_scenes']} scenes (world seed {data.get('seed', 0)})",
     ]
+    trained = [part for part, trains in config.get("trainable", {}).items() if trains]
+    if trained:
+        parts.append(f"trains {', '.join(trained)}")
     if config.get("lora"):
         parts.append(f"LoRA r={config['lora']['r']} on {', '.join(config['lora']['target_modules'])}")
     if runtime is not None:
@@ -105,7 +109,8 @@ Trained from scratch on the CPU on the **shapes world** (`transformers_setok.sha
 1 to 5 coloured shapes with captions, questions, referring expressions and masks, edits and text-to-image
 prompts. Nothing here was downloaded: the paper freezes a pretrained SigLIP encoder, none can be downloaded where
 this model was trained, so its vision encoder trained from scratch in this world, with the merger and the
-detokenizer (stage 1); the language model is a small Llama trained from scratch too (stages 2 and 3).
+detokenizer (stage 1, and stage 3 where it says it trains them); the language model is a small Llama trained from
+scratch too (stages 2 and 3).
 
 ```bash
 {train_command}
