@@ -52,6 +52,8 @@ def main(out: Path, per_device_batch: int) -> None:
     if args.process_index == 0:
         weights = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
         torch.save({"loss": loss, "weights": weights, "world_size": args.world_size}, out / "step.pt")
+    if dist.is_initialized():  # a process group left to exit teardown can abort the process (gloo's threads)
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from transformers.utils import logging
 
 from ..recipes.dry_run import dry_run, format_report
@@ -65,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
         folder = train_stage(config, args.out)
         minutes = (time.perf_counter() - started) / 60
         print(f"stage {config.stage}: trained in {minutes:.1f} min -> {folder}")
+    if torch.distributed.is_initialized():  # under torchrun: left to exit teardown, gloo's threads can abort it
+        torch.distributed.destroy_process_group()
     return 0
 
 
