@@ -106,7 +106,7 @@ def test_weight_decay_spares_what_the_trainers_own_optimizer_spares(processor: S
     model = setokim_for(processor)
     set_trainable(model, vision_encoder=True)
     args = arguments(tmp_path, optim="adamw_torch", weight_decay=0.05)
-    optimizer = PartLearningRates(RATES, args)(model)
+    optimizer = PartLearningRates(args, RATES)(model)
     decayed = set(Trainer(model=model, args=args).get_decay_parameter_names(model))
     groups = group_of_each_parameter(optimizer)
     parts = part_of_each_name(model)
@@ -125,7 +125,7 @@ def test_lora_copies_train_at_their_parts_rate_and_their_originals_not_at_all(pr
     config = language_model_lora_config(modules_to_save=["multi_modal_projector", "setok"])
     model = get_peft_model(setokim_for(processor), config)
     set_trainable(model, vision_encoder=True)
-    optimizer = PartLearningRates({"vision_encoder": 0.01, "projector": 0.02}, arguments(Path("unused")))(model)
+    optimizer = PartLearningRates(arguments(Path("unused")), {"vision_encoder": 0.01, "projector": 0.02})(model)
     groups = group_of_each_parameter(optimizer)
     seen = {"vision_encoder": 0, "projector": 0, "lora": 0}
     for name, parameter in model.named_parameters():
@@ -149,14 +149,16 @@ def test_unknown_and_frozen_parts_and_grouping_optimizers_are_refused(
     args = arguments(tmp_path)
     with pytest.raises(ValueError, match=r"unknown parts \['vision_tower'\]"):
         part_learning_rates(args, {"vision_tower": 1e-4})
+    with pytest.raises(ValueError, match=r"got \{'merger': '1e-4'\} \(YAML reads 1e-4 as text"):
+        PartLearningRates(args, {"merger": "1e-4", "projector": 1e-4})
     model = setokim_for(processor)
     set_trainable(model)  # the vision encoder stays frozen
     with pytest.raises(ValueError, match=r"names \['vision_encoder'\], which train no parameter here"):
-        PartLearningRates({"vision_encoder": 1e-4}, args)(model)
+        PartLearningRates(args, {"vision_encoder": 1e-4})(model)
 
     def low_rank_optimizer(args: TrainingArguments, model: torch.nn.Module) -> tuple[type, dict]:
         return torch.optim.AdamW, {"params": [], "lr": args.learning_rate}
 
     monkeypatch.setattr(Trainer, "get_optimizer_cls_and_kwargs", staticmethod(low_rank_optimizer))
     with pytest.raises(ValueError, match="builds its own parameter groups"):
-        PartLearningRates({"merger": 1e-4}, args)(model)
+        PartLearningRates(args, {"merger": 1e-4})(model)

@@ -36,9 +36,14 @@ class PartLearningRates:
     its logged `learning_rate` is that of the first group, the rest. Weight decay spares biases and norms, as the
     `Trainer`'s does."""
 
-    def __init__(self, learning_rates: Mapping[str, float], args: TrainingArguments) -> None:
-        self.learning_rates = dict(learning_rates)
+    def __init__(self, args: TrainingArguments, learning_rates: Mapping[str, float]) -> None:
+        bad = {part: rate for part, rate in learning_rates.items() if not isinstance(rate, (int, float)) or rate < 0}
+        if bad:
+            raise ValueError(
+                f"learning rates are numbers of at least 0, got {bad} (YAML reads 1e-4 as text; write 1.0e-4)"
+            )
         self.args = args
+        self.learning_rates = dict(learning_rates)
 
     def __call__(self, model: nn.Module) -> torch.optim.Optimizer:
         optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
@@ -89,7 +94,7 @@ def part_learning_rates(
     unknown = sorted(set(learning_rates) - known)
     if unknown:
         raise ValueError(f"learning_rates: unknown parts {unknown}; the parts are {sorted(known)}")
-    return partial(PartLearningRates, learning_rates, args), {}
+    return partial(PartLearningRates, args, learning_rates), {}
 
 
 __all__ = ["PartLearningRates", "part_learning_rates"]

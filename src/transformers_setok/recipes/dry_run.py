@@ -171,7 +171,7 @@ def dry_run(
             )
         if config.learning_rates:
             try:
-                PartLearningRates(config.learning_rates, arguments)(model)
+                PartLearningRates(arguments, config.learning_rates)(model)
             except ValueError as error:
                 raise ValueError(f"{path}: learning_rates: {error}") from error
         examples, data_note = count_examples(config, path)
