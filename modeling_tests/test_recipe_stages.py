@@ -173,9 +173,9 @@ def test_stage3_trains_the_encoder_and_merger_at_their_own_learning_rate(
     monkeypatch.setattr(Trainer, "create_optimizer", recording_create_optimizer)
     config = StageConfig.from_file(micro_recipe(tmp_path / "recipe") / "stage3.yaml")
     train_stage(config, run)
-    assert config.learning_rates == {"vision_encoder": 1e-4, "merger": 1e-4}  # the tiny recipe's
+    assert config.learning_rates == {"vision_encoder": 3e-4, "merger": 3e-4}  # the tiny recipe's
     heads = {part: {1e-3} for part in ("projector", "language_model", "vision_head", "mask_decoder")}
-    assert rates == {"vision_encoder": {1e-4}, "merger": {1e-4}} | heads
+    assert rates == {"vision_encoder": {3e-4}, "merger": {3e-4}} | heads
 
 
 def test_the_card_says_what_each_stage_trained_and_at_which_rates(micro_run: Path) -> None:
@@ -183,7 +183,7 @@ def test_the_card_says_what_each_stage_trained_and_at_which_rates(micro_run: Pat
     assert summary.startswith("- **Stage 3**: 2 steps of 2 examples; lr 0.001 (cosine, ")
     settings = summary.split("; ")
     rates = settings[1].removeprefix("lr 0.001 (cosine, ").removesuffix(")").split(", ")
-    assert sorted(rates) == ["merger 0.0001", "vision_encoder 0.0001"]
+    assert sorted(rates) == ["merger 0.0003", "vision_encoder 0.0003"]
     (trains,) = [setting for setting in settings if setting.startswith("trains ")]
     parts = {"vision_encoder", "merger", "projector", "language_model", "vision_head", "mask_decoder"}
     assert set(trains.removeprefix("trains ").split(", ")) == parts
