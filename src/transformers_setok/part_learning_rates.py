@@ -9,7 +9,6 @@ optimizer), so the parameter groups are made from the parameters that really tra
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from functools import partial
 from typing import Any
@@ -20,7 +19,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_pt_utils import get_parameter_names
 
-from .training import model_parts, set_trainable
+from .training import TRAINABLE_PARTS, model_parts
 
 # `get_optimizer_cls_and_kwargs` keys that replace the parameter groups (GaLore, LOMO, layer-wise optimizers).
 REPLACED_GROUPS = ("params", "model", "optimizer_dict")
@@ -90,10 +89,9 @@ def part_learning_rates(
     """`Trainer(..., optimizer_cls_and_kwargs=part_learning_rates(args, {"vision_encoder": 1e-4}))`: train the
     named parts of a Setokim (or a `PeftModel` of one) at their own learning rates, the rest at
     `args.learning_rate` (see `PartLearningRates`)."""
-    known = set(inspect.signature(set_trainable).parameters) - {"model"}
-    unknown = sorted(set(learning_rates) - known)
+    unknown = sorted(set(learning_rates) - set(TRAINABLE_PARTS))
     if unknown:
-        raise ValueError(f"learning_rates: unknown parts {unknown}; the parts are {sorted(known)}")
+        raise ValueError(f"learning_rates: unknown parts {unknown}; the parts are {sorted(TRAINABLE_PARTS)}")
     return partial(PartLearningRates, args, learning_rates), {}
 
 

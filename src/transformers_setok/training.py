@@ -7,6 +7,7 @@ to know how many tokens an image becomes.
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from collections.abc import Sequence
@@ -319,6 +320,10 @@ def set_trainable(
     return counts
 
 
+# The part names `set_trainable` takes (and `model_parts` keys the parts by), for configs that name parts.
+TRAINABLE_PARTS = tuple(inspect.signature(set_trainable).parameters)[1:]
+
+
 def language_model_lora_config(
     r: int = 8,
     lora_alpha: int = 16,
@@ -344,4 +349,4 @@ def language_model_lora_config(
     )
 
 
-__all__ = ["SetokimDataCollator", "language_model_lora_config", "model_parts", "set_trainable"]
+__all__ = ["TRAINABLE_PARTS", "SetokimDataCollator", "language_model_lora_config", "model_parts", "set_trainable"]

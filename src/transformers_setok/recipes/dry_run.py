@@ -41,7 +41,7 @@ from ..configuration_setokim import SetokimConfig
 from ..modeling_setok_pretraining import SetokForPreTraining
 from ..modeling_setokim import SetokimForConditionalGeneration
 from ..part_learning_rates import PartLearningRates
-from ..training import language_model_lora_config, model_parts, set_trainable
+from ..training import TRAINABLE_PARTS, language_model_lora_config, model_parts, set_trainable
 from .recipe import (
     RECIPES_DIR,
     StageConfig,
@@ -237,9 +237,8 @@ def read_stage(recipe: str | os.PathLike, stage: int) -> tuple[StageConfig, Path
         raise ValueError(f"{path}: trainable: stage 1 freezes by model.freeze_vision_model / freeze_text_model")
     if stage == 3 and config.model:
         raise ValueError(f"{path}: model: stage 3 starts from stage 2's model; its model keys would go unused")
-    parts = set(inspect.signature(set_trainable).parameters) - {"model"}
-    check_keys(config.trainable, parts, f"{path}: trainable")
-    check_keys(config.learning_rates, parts, f"{path}: learning_rates")
+    check_keys(config.trainable, TRAINABLE_PARTS, f"{path}: trainable")
+    check_keys(config.learning_rates, TRAINABLE_PARTS, f"{path}: learning_rates")
     return config, path
 
 
@@ -305,11 +304,10 @@ def build_model(
         except (TypeError, ValueError) as error:
             raise ValueError(f"{path}: lora: {error}") from error
     set_trainable(model, **config.trainable)
-    if isinstance(model, PeftModel):
-        try:
-            check_adapters_hold_what_trains(model)
-        except ValueError as error:
-            raise ValueError(f"{path}: {error}") from error
+    try:
+        check_adapters_hold_what_trains(model)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error
     return model, start
 
 

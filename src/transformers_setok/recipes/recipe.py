@@ -324,8 +324,7 @@ def train_chat_stage(config: StageConfig, out: Path) -> Path:
     if config.lora is not None:
         model = get_peft_model(model, language_model_lora_config(**config.lora))
     counts = set_trainable(model, **config.trainable)
-    if isinstance(model, PeftModel):
-        check_adapters_hold_what_trains(model)
+    check_adapters_hold_what_trains(model)
     logger.warning(f"Stage {config.stage} trains {counts} parameters per part")
     train_dataset = data_files(config)
     if train_dataset is None:
@@ -359,9 +358,11 @@ def train_chat_stage(config: StageConfig, out: Path) -> Path:
     return folder
 
 
-def check_adapters_hold_what_trains(model: PeftModel) -> None:
+def check_adapters_hold_what_trains(model: SetokimForConditionalGeneration | PeftModel) -> None:
     """Refuse a LoRA stage that trains weights outside its adapters: it saves only the adapters (with the
-    `modules_to_save` copies), so such weights would train and then be lost."""
+    `modules_to_save` copies), so such weights would train and then be lost. A model without adapters saves whole."""
+    if not isinstance(model, PeftModel):
+        return
     adapter_names = set(model.peft_config)
     names = {id(parameter): name for name, parameter in model.named_parameters()}
     lost = [
