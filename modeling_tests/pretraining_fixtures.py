@@ -106,3 +106,19 @@ def toy_examples(seed: int = 0) -> list[dict[str, torch.Tensor]]:
                 )
             )
     return examples
+
+
+def reference_canvas_shares(conditioner, hidden: torch.Tensor, mask: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """`(batch, tokens, height, width)`, pixel by pixel and image by image: the softmax over the image's real
+    tokens of query . key / sqrt(dim), zero for padding (the token canvas's shares, written out)."""
+    first, second = [layer for layer in conditioner.canvas_query if isinstance(layer, torch.nn.Linear)]
+    key_layer = conditioner.canvas_key
+    shares = torch.zeros(len(hidden), hidden.shape[1], *code.shape[1:])
+    for b in range(len(hidden)):
+        keys = hidden[b][mask[b]] @ key_layer.weight.T + key_layer.bias
+        for y in range(code.shape[1]):
+            for x in range(code.shape[2]):
+                query = torch.nn.functional.gelu(code[:, y, x] @ first.weight.T + first.bias) @ second.weight.T
+                logits = keys @ (query + second.bias) / keys.shape[-1] ** 0.5
+                shares[b, mask[b], y, x] = torch.softmax(logits, dim=0)
+    return shares

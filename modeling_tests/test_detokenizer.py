@@ -10,7 +10,7 @@ import torch
 from conftest import randomize_weights
 from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
 from huggingface_hub.errors import StrictDataclassError
-from pretraining_fixtures import TOKEN_SIZE, tiny_detokenizer_config, tiny_unet_config
+from pretraining_fixtures import TOKEN_SIZE, reference_canvas_shares, tiny_detokenizer_config, tiny_unet_config
 
 from transformers_setok import SetokDetokenizer, SetokDetokenizerPipeline
 
@@ -60,13 +60,19 @@ def test_loss_equals_a_hand_written_epsilon_objective(detokenizer) -> None:
 
 # U-Nets whose blocks only cross-attend (the tiny recipe's) run diffusers' first attention on the tokens too,
 # and diffusers calls it without the tokens' mask.
-UNET_KINDS = {"self and cross-attention": {}, "only cross-attention": {"only_cross_attention": True}}
+# A canvas paints the tokens onto the pixels by a softmax over them, which padding must not enter either.
+CANVAS = dict(coordinate_channels=4, canvas_channels=2)
+DETOKENIZER_KINDS = {
+    "self and cross-attention": dict(unet_config=tiny_unet_config()),
+    "only cross-attention": dict(unet_config=tiny_unet_config(only_cross_attention=True)),
+    "token canvas": dict(unet_config=tiny_unet_config(in_channels=9), **CANVAS),
+}
 
 
-@pytest.mark.parametrize("unet_settings", UNET_KINDS.values(), ids=UNET_KINDS.keys())
-def test_masked_padding_changes_neither_the_loss_nor_the_drawing(unet_settings, tmp_path: Path) -> None:
+@pytest.mark.parametrize("settings", DETOKENIZER_KINDS.values(), ids=DETOKENIZER_KINDS.keys())
+def test_masked_padding_changes_neither_the_loss_nor_the_drawing(settings, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    config = tiny_detokenizer_config(unet_config=tiny_unet_config(**unet_settings))
+    config = tiny_detokenizer_config(**settings)
     detokenizer = randomize_weights(SetokDetokenizer(config), seed=4).eval()
     inputs = training_inputs()
     padded = dict(inputs)
@@ -193,6 +199,8 @@ def test_from_stable_diffusion_reinitialises_only_cross_attention_of_another_wid
         (dict(condition_drop_prob=1.5), "condition_drop_prob"),
         (dict(coordinate_channels=4), "in_channels"),  # a 3-channel U-Net input has no room for the code
         (dict(coordinate_channels=6, unet_config=tiny_unet_config(in_channels=9)), "multiple of 4"),
+        (dict(canvas_channels=2, unet_config=tiny_unet_config(in_channels=5)), "needs coordinate_channels"),
+        (dict(CANVAS, unet_config=tiny_unet_config(in_channels=7)), "2 canvas channels"),
         (dict(timestep_sampling="lognormal"), "timestep_sampling"),
         (dict(timestep_sampling="logit_normal", timestep_logit_std=0.0), "timestep_logit_std"),
     ],
@@ -269,3 +277,27 @@ def test_coordinate_channels_give_the_unet_a_fourier_code_of_each_pixel_in_train
         torch.testing.assert_close(unet_input[:, 3:], torch.stack(code)[None].expand(len(unet_input), -1, -1, -1))
     image = pipeline(tokens=inputs["tokens"], token_mask=inputs["token_mask"], num_inference_steps=2, output_type="pt")
     assert image.images.shape == (2, 3, 8, 8)  # the code goes in, never comes out
+
+
+def test_token_canvas_paints_each_pixel_with_its_share_of_the_real_tokens_in_training_and_sampling() -> None:
+    torch.manual_seed(0)
+    config = tiny_detokenizer_config(unet_config=tiny_unet_config(in_channels=9), condition_drop_prob=0.0, **CANVAS)
+    detokenizer = randomize_weights(SetokDetokenizer(config), seed=4).eval()
+    conditioner = detokenizer.conditioner
+    inputs = training_inputs()
+    hidden, mask = conditioner(inputs["tokens"], inputs["token_mask"])
+    with torch.no_grad():
+        shares = reference_canvas_shares(conditioner, hidden, mask, conditioner.coordinate_code(inputs["images"]))
+        values = conditioner.canvas_value(hidden)
+    expected = (shares[:, :, None] * values[:, :, :, None, None]).sum(dim=1)  # each pixel mixes the tokens' values
+    pipeline = SetokDetokenizerPipeline.from_detokenizer(detokenizer)
+    pipeline.set_progress_bar_config(disable=True)
+    seen = unet_inputs(detokenizer, lambda: detokenizer(**inputs))
+    seen += unet_inputs(
+        detokenizer, lambda: pipeline(tokens=inputs["tokens"], token_mask=inputs["token_mask"], num_inference_steps=2)
+    )
+    assert len(seen) == 3
+    for unet_input in seen:  # with guidance, the conditional half comes first
+        torch.testing.assert_close(unet_input[: len(expected), 7:], expected, atol=1e-5, rtol=0)
+    assert expected.std(dim=(2, 3)).min() > 1e-3  # the canvas varies over the image: it is not one token's value
+    assert not torch.allclose(expected[0], expected[1], atol=1e-3)  # and each image has its own

@@ -9,7 +9,13 @@ import pytest
 import torch
 from conftest import randomize_weights, run_without_plugin, tiny_setok_config
 from huggingface_hub.errors import StrictDataclassError
-from pretraining_fixtures import tiny_detokenizer_config, tiny_pretraining_config, toy_examples
+from pretraining_fixtures import (
+    reference_canvas_shares,
+    tiny_detokenizer_config,
+    tiny_pretraining_config,
+    tiny_unet_config,
+    toy_examples,
+)
 from torch.utils.data import default_collate
 from transformers import AutoConfig, AutoModelForPreTraining, Trainer, TrainingArguments
 
@@ -167,6 +173,50 @@ def test_a_short_trainer_run_lowers_both_losses(tmp_path: Path) -> None:
     reconstruction_after, contrastive_after = losses()
     assert reconstruction_after < 0.85 * reconstruction_before, (reconstruction_before, reconstruction_after)
     assert contrastive_after < 0.6 * contrastive_before, (contrastive_before, contrastive_after)
+
+
+def canvas_pretraining_config(**overrides) -> SetokForPreTrainingConfig:
+    detokenizer_config = tiny_detokenizer_config(
+        unet_config=tiny_unet_config(in_channels=9), coordinate_channels=4, canvas_channels=2
+    )
+    return tiny_pretraining_config(detokenizer_config=detokenizer_config, **overrides)
+
+
+def test_layout_loss_is_the_canvas_cross_entropy_against_the_tokens_clusters() -> None:
+    torch.manual_seed(0)
+    model = randomize_weights(SetokForPreTraining(canvas_pretraining_config(layout_loss_weight=0.5)), seed=2).eval()
+    inputs = batch()
+    out = model(**inputs)
+    torch.testing.assert_close(out.loss, out.reconstruction_loss + out.contrastive_loss + 0.5 * out.layout_loss)
+
+    tokenized = model.setok(inputs["pixel_values"])
+    conditioner = model.detokenizer.conditioner
+    hidden = conditioner.projection(tokenized.tokens)
+    code = conditioner.coordinate_code(torch.zeros(1, 3, 8, 8))  # at the detokenizer's size, from nothing else
+    with torch.no_grad():
+        shares = reference_canvas_shares(conditioner, hidden, tokenized.token_mask, code)
+    rows, cols = tokenized.grid_size
+    cell = 8 // rows
+    terms = []
+    for b, assignment in enumerate(tokenized.assignment.tolist()):
+        for patch, token in enumerate(assignment):
+            if token >= 0:
+                y, x = divmod(patch, cols)
+                own = shares[b, token, y * cell : (y + 1) * cell, x * cell : (x + 1) * cell].mean()
+                terms.append(-torch.log(own))
+    assert len(terms) > 0
+    torch.testing.assert_close(out.layout_loss, torch.stack(terms).mean(), atol=1e-5, rtol=1e-5)
+    assert model(**{**inputs, "concept_input_ids": None}).layout_loss is not None
+
+    model.config.layout_loss_weight = 0.0
+    assert model(**inputs).layout_loss is None
+
+
+def test_layout_loss_needs_a_canvas() -> None:
+    with pytest.raises(StrictDataclassError, match="canvas_channels"):
+        tiny_pretraining_config(layout_loss_weight=1.0)
+    with pytest.raises(StrictDataclassError, match="layout_loss_weight must be >= 0"):
+        canvas_pretraining_config(layout_loss_weight=-1.0)
 
 
 @pytest.mark.parametrize(

@@ -50,9 +50,10 @@ MICRO_MODEL = {
         "detokenizer_config": {
             "token_size": 16,
             "coordinate_channels": 4,
+            "canvas_channels": 4,
             "unet_config": {
                 "sample_size": 32,
-                "in_channels": 7,
+                "in_channels": 11,
                 "out_channels": 3,
                 "block_out_channels": [8, 16],
                 "layers_per_block": 1,
@@ -73,6 +74,7 @@ MICRO_MODEL = {
         },
         "freeze_vision_model": False,
         "freeze_text_model": False,
+        "layout_loss_weight": 1.0,
     },
     2: {
         "text_config": {
@@ -94,7 +96,8 @@ TASKS = {
 
 
 def micro_recipe(folder: Path, max_steps: int = 2) -> Path:
-    """The tiny recipe's three files, shrunk: 6 scenes of 32x32, minuscule models, `max_steps` steps a stage."""
+    """The tiny recipe's three files, shrunk: 6 scenes of 32x32, minuscule models, `max_steps` steps a stage;
+    stage 3 also trains the encoder and merger, at their own learning rate."""
     folder.mkdir(parents=True, exist_ok=True)
     for stage in (1, 2, 3):
         config = yaml.safe_load(stage_config_path("tiny", stage).read_text())
@@ -105,8 +108,11 @@ def micro_recipe(folder: Path, max_steps: int = 2) -> Path:
             config["model"] = MICRO_MODEL[stage]
         if stage == 1:
             config["tokenizer"] = {"vocab_size": 400}
-        if stage == 3:
+        if stage == 3:  # trains the encoder and merger at their own rate too, so that path runs end to end
             config["lora"]["r"] = 4
+            config["lora"]["modules_to_save"] = [*config["lora"]["modules_to_save"], "setok"]
+            config["trainable"].update(vision_encoder=True, merger=True)
+            config["learning_rates"] = {"vision_encoder": 3e-4, "merger": 3e-4}
         config["training"].update(
             max_steps=max_steps, per_device_train_batch_size=2, save_steps=1, logging_steps=1, warmup_steps=0
         )
@@ -173,7 +179,7 @@ def test_stage3_trains_the_encoder_and_merger_at_their_own_learning_rate(
     monkeypatch.setattr(Trainer, "create_optimizer", recording_create_optimizer)
     config = StageConfig.from_file(micro_recipe(tmp_path / "recipe") / "stage3.yaml")
     train_stage(config, run)
-    assert config.learning_rates == {"vision_encoder": 3e-4, "merger": 3e-4}  # the tiny recipe's
+    assert config.learning_rates == {"vision_encoder": 3e-4, "merger": 3e-4}  # the micro recipe's
     heads = {part: {1e-3} for part in ("projector", "language_model", "vision_head", "mask_decoder")}
     assert rates == {"vision_encoder": {3e-4}, "merger": {3e-4}} | heads
 
@@ -252,8 +258,9 @@ def test_stage1_starts_its_detokenizer_from_a_stable_diffusion_folder_or_a_saved
     tokenizer = train_sentencepiece_tokenizer(["red circle", "blue square"], tmp_path / "tokenizer", 300)
     folder = tiny_stable_diffusion(tmp_path / "sd")
     # the YAML's U-Net config gives way to the folder's; its other settings apply
-    config.model["detokenizer_config"] |= {"coordinate_channels": 0, "num_null_tokens": 3}
+    config.model["detokenizer_config"] |= {"coordinate_channels": 0, "canvas_channels": 0, "num_null_tokens": 3}
     config.model["detokenizer_model"] = str(folder)
+    config.model["layout_loss_weight"] = 0.0
     model = pretraining_model(config, tokenizer)
     for part, source in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL)):
         expected = source.from_pretrained(folder / part).state_dict()

@@ -249,20 +249,20 @@ BAD_STAGES = [
     pytest.param(
         "tiny",
         3,
-        setting("learning_rates", "vision_tower", value=1e-4),
+        setting("learning_rates", value={"vision_tower": 1e-4}),
         r"learning_rates: unknown keys \['vision_tower'\]",
     ),
     pytest.param(
         "tiny",
         3,
-        setting("trainable", "merger", value=False),
+        setting("learning_rates", value={"merger": 1e-4}),  # the tiny recipe's stage 3 keeps the merger frozen
         r"stage3\.yaml: learning_rates: learning_rates names \['merger'\], which train no parameter here",
     ),
     pytest.param(
         "tiny",
         3,
-        setting("lora", "modules_to_save", value=["multi_modal_projector", "vision_head", "mask_decoder"]),
-        r"stage3\.yaml: trainable parts \['merger', 'vision_encoder'\] train outside the LoRA adapters",
+        setting("trainable", "vision_encoder", value=True),  # without `setok` in lora.modules_to_save
+        r"stage3\.yaml: trainable parts \['vision_encoder'\] train outside the LoRA adapters",
     ),
     pytest.param("tiny", 3, setting("model", value={"projector_type": "linear"}), r"starts from stage 2's model"),
     pytest.param("tiny", 2, setting("stage", value=3), r"says stage 3, but it is the recipe's stage2\.yaml"),

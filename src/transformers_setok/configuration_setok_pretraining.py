@@ -31,6 +31,10 @@ class SetokForPreTrainingConfig(PreTrainedConfig):
             Weight of the denoising loss in `loss`.
         contrastive_loss_weight (`float`, *optional*, defaults to 1.0):
             Weight of the concept-level contrastive loss in `loss`.
+        layout_loss_weight (`float`, *optional*, defaults to 0.0):
+            Weight of the layout loss in `loss`: the cross-entropy between the detokenizer's token canvas, pooled to
+            the patch grid, and the clusters the tokens were merged from, so that each token learns to say which
+            patches are its own, and the canvas to read it (needs `detokenizer_config.canvas_channels`).
         logit_scale_init_value (`float`, *optional*, defaults to `log(1 / 0.07)`):
             Initial log inverse temperature of the contrastive loss (CLIP's).
     """
@@ -49,6 +53,7 @@ class SetokForPreTrainingConfig(PreTrainedConfig):
     freeze_text_model: bool = True
     reconstruction_loss_weight: float = 1.0
     contrastive_loss_weight: float = 1.0
+    layout_loss_weight: float = 0.0
     logit_scale_init_value: float = math.log(1 / 0.07)
 
     def validate_token_size(self) -> None:
@@ -58,6 +63,13 @@ class SetokForPreTrainingConfig(PreTrainedConfig):
                 f"detokenizer_config.token_size ({self.detokenizer_config.token_size}) must equal "
                 f"setok_config.token_size ({self.setok_config.token_size})"
             )
+
+    def validate_layout_loss(self) -> None:
+        """A layout loss needs a canvas to score."""
+        if self.layout_loss_weight < 0:
+            raise ValueError(f"layout_loss_weight must be >= 0, got {self.layout_loss_weight}")
+        if self.layout_loss_weight and not self.detokenizer_config.canvas_channels:
+            raise ValueError("layout_loss_weight needs a token canvas: set detokenizer_config.canvas_channels")
 
 
 __all__ = ["SetokForPreTrainingConfig"]

@@ -12,7 +12,7 @@ from transformers.utils import ModelOutput
 
 from .concept_contrastive import SetokConceptHead
 from .configuration_setok_pretraining import SetokForPreTrainingConfig
-from .modeling_setok import NativePartsInitialization, SetokModel
+from .modeling_setok import NativePartsInitialization, SetokModel, SetokModelOutput
 from .modeling_setok_detokenizer import SetokDetokenizer
 
 
@@ -24,6 +24,7 @@ class SetokForPreTrainingOutput(ModelOutput):
         loss: weighted sum of `reconstruction_loss` and `contrastive_loss` (the latter when phrases were given).
         reconstruction_loss: the detokenizer's denoising loss conditioned on the tokens.
         contrastive_loss: concept-level multi-label InfoNCE over the (global) batch; `None` without phrases.
+        layout_loss: cross-entropy of the token canvas against the tokens' clusters; `None` when its weight is 0.
         tokens: `(batch, max_tokens, token_size)` the images' tokens; `token_mask` marks the real ones.
         num_tokens: `(batch,)` tokens per image.
     """
@@ -31,6 +32,7 @@ class SetokForPreTrainingOutput(ModelOutput):
     loss: torch.FloatTensor | None = None
     reconstruction_loss: torch.FloatTensor | None = None
     contrastive_loss: torch.FloatTensor | None = None
+    layout_loss: torch.FloatTensor | None = None
     tokens: torch.FloatTensor | None = None
     token_mask: torch.BoolTensor | None = None
     num_tokens: torch.LongTensor | None = None
@@ -115,6 +117,11 @@ class SetokForPreTraining(NativePartsInitialization, PreTrainedModel):
         ).loss
         loss = self.config.reconstruction_loss_weight * reconstruction_loss
 
+        layout_loss = None
+        if self.config.layout_loss_weight:
+            layout_loss = self.layout_loss(labels, tokenized)
+            loss = loss + self.config.layout_loss_weight * layout_loss
+
         contrastive_loss = None
         if concept_input_ids is not None:
             concept_input_ids, concept_attention_mask = check_concepts(
@@ -129,10 +136,23 @@ class SetokForPreTraining(NativePartsInitialization, PreTrainedModel):
             loss=loss,
             reconstruction_loss=reconstruction_loss,
             contrastive_loss=contrastive_loss,
+            layout_loss=layout_loss,
             tokens=tokenized.tokens,
             token_mask=tokenized.token_mask,
             num_tokens=tokenized.num_tokens,
         )
+
+    def layout_loss(self, images: torch.Tensor, tokenized: SetokModelOutput) -> torch.Tensor:
+        """Mean over clustered patches of `-log` the share the canvas gives the patch's own token there (the
+        canvas's pixel shares averaged over each patch's pixels)."""
+        conditioner = self.detokenizer.conditioner
+        hidden_states, attention_mask = conditioner(tokenized.tokens, tokenized.token_mask)
+        shares = conditioner.canvas_weights(conditioner.coordinate_code(images), hidden_states, attention_mask)
+        patch_shares = nn.functional.adaptive_avg_pool2d(shares, tokenized.grid_size).flatten(2)
+        assignment = tokenized.assignment
+        clustered = assignment >= 0
+        own = patch_shares.gather(1, assignment.clamp(min=0)[:, None])[:, 0]
+        return -(own.clamp(min=1e-6).log() * clustered).sum() / clustered.sum().clamp(min=1)
 
 
 def check_concepts(

@@ -23,6 +23,7 @@ DEFAULT_SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_schedule": "squaredcos_cap_v2",
     "prediction_type": "epsilon",
+    "timestep_spacing": "trailing",
 }
 
 
@@ -44,7 +45,9 @@ class SetokDetokenizerConfig(PreTrainedConfig):
             `AutoencoderKL` config to denoise in its latent space (as Stable Diffusion does); `None` denoises pixels.
         scheduler_config (`dict`, *optional*):
             `DDPMScheduler` config of the training noise schedule (its `prediction_type` sets the loss target);
-            sampling schedulers (DDIM, DPM-Solver) are built from it.
+            sampling schedulers (DDIM, DPM-Solver) are built from it. Its `timestep_spacing` is `"trailing"`
+            unless set: a sampler's first step is then the last training timestep, the one whose input is the
+            pure noise it starts from ("leading" would start a stride early, where the U-Net expects some image).
         num_null_tokens (`int`, *optional*, defaults to 1):
             Learned tokens that stand for "no image" in classifier-free guidance.
         condition_drop_prob (`float`, *optional*, defaults to 0.1):
@@ -55,6 +58,11 @@ class SetokDetokenizerConfig(PreTrainedConfig):
             Give the U-Net this many more input channels, a Fourier code of each pixel's position (a multiple of
             4: sine and cosine of `x` and `y` per frequency), so it can put a token's region where the token says
             it lies; `unet_config["in_channels"]` must then be the sample's channels plus these.
+        canvas_channels (`int`, *optional*, defaults to 0):
+            Give the U-Net this many more input channels, the token set painted onto the pixels: each pixel mixes
+            learned values of the tokens by a softmax over them of a match between token and position code (needs
+            `coordinate_channels`), so the U-Net reads which token owns which pixels from its first convolution;
+            `unet_config["in_channels"]` counts these too.
         timestep_sampling (`str`, *optional*, defaults to `"uniform"`):
             How training draws each image's diffusion timestep: `"uniform"` over all of them, or `"logit_normal"`
             (as Stable Diffusion 3 trains: `t / T = sigmoid(N(timestep_logit_mean, timestep_logit_std))`). A
@@ -75,6 +83,7 @@ class SetokDetokenizerConfig(PreTrainedConfig):
     condition_drop_prob: float = 0.1
     initializer_range: float = 0.02
     coordinate_channels: int = 0
+    canvas_channels: int = 0
     timestep_sampling: str = "uniform"
     timestep_logit_mean: float = 0.0
     timestep_logit_std: float = 1.0
@@ -111,11 +120,17 @@ class SetokDetokenizerConfig(PreTrainedConfig):
             raise ValueError(f"timestep_logit_std must be > 0, got {self.timestep_logit_std}")
         if self.coordinate_channels < 0 or self.coordinate_channels % 4:
             raise ValueError(f"coordinate_channels must be a multiple of 4, got {self.coordinate_channels}")
-        expected = channels + self.coordinate_channels
+        if self.canvas_channels < 0 or (self.canvas_channels and not self.coordinate_channels):
+            raise ValueError(
+                f"canvas_channels must be >= 0 and needs coordinate_channels (the canvas places tokens by that "
+                f"code), got {self.canvas_channels} with coordinate_channels={self.coordinate_channels}"
+            )
+        expected = channels + self.coordinate_channels + self.canvas_channels
         if self.unet_config["in_channels"] != expected:
             raise ValueError(
                 f"unet_config['in_channels'] ({self.unet_config['in_channels']}) must be {expected}: the sample's "
-                f"{channels} channels and the {self.coordinate_channels} coordinate channels"
+                f"{channels} channels, the {self.coordinate_channels} coordinate channels and the "
+                f"{self.canvas_channels} canvas channels"
             )
 
     @property

@@ -100,32 +100,75 @@ class SetokTokenConditioner(ModelMixin, ConfigMixin):
     / 4`. A token says where its region lies (SeTok mixes a sin-cos position code into it), and cross-attention
     can only put it there if the U-Net's queries carry a code of where they are that a linear map can match to the
     token's; convolutions alone learn one slowly.
+
+    With `canvas_channels` (which needs the coordinate code), the U-Net input also gets the token set painted onto
+    the pixels, as object-centric decoders broadcast their slots: each pixel takes a softmax over the real tokens
+    of how well a token's key matches a learned query of the pixel's position code, and mixes the tokens' values
+    (`canvas_channels` wide) by it. Which token owns which pixels is then an input of the first convolution, not
+    something cross-attention must learn to bind; and since the canvas comes from the tokens alone, a drawing from
+    generated tokens gets one too.
     """
 
     @register_to_config
     def __init__(
-        self, token_size: int, cross_attention_dim: int, num_null_tokens: int = 1, coordinate_channels: int = 0
+        self,
+        token_size: int,
+        cross_attention_dim: int,
+        num_null_tokens: int = 1,
+        coordinate_channels: int = 0,
+        canvas_channels: int = 0,
     ) -> None:
         super().__init__()
         if coordinate_channels % 4:
             raise ValueError(
                 f"coordinate_channels must be a multiple of 4 (sin, cos of x, y), got {coordinate_channels}"
             )
+        if canvas_channels and not coordinate_channels:
+            raise ValueError("canvas_channels needs coordinate_channels: the canvas places tokens by that code")
         self.projection = nn.Linear(token_size, cross_attention_dim)
         self.null_tokens = nn.Parameter(0.02 * torch.randn(num_null_tokens, token_size))
+        if canvas_channels:
+            self.canvas_query = nn.Sequential(
+                nn.Linear(coordinate_channels, cross_attention_dim),
+                nn.GELU(),
+                nn.Linear(cross_attention_dim, cross_attention_dim),
+            )
+            self.canvas_key = nn.Linear(cross_attention_dim, cross_attention_dim)
+            self.canvas_value = nn.Linear(cross_attention_dim, canvas_channels)
 
-    def unet_input(self, sample: torch.Tensor) -> torch.Tensor:
-        """What the U-Net reads: the noisy sample, then the coordinate channels the config asks for."""
+    def coordinate_code(self, sample: torch.Tensor) -> torch.Tensor:
+        """`(coordinate_channels, height, width)`: the Fourier code of each pixel's position in `sample`."""
         num_frequencies = self.config.coordinate_channels // 4
-        if num_frequencies == 0:
-            return sample
-        batch_size, _, height, width = sample.shape
+        _, _, height, width = sample.shape
         frequencies = torch.pi * 2.0 ** torch.arange(num_frequencies, device=sample.device, dtype=sample.dtype)
         ys = torch.linspace(-1, 1, height, device=sample.device, dtype=sample.dtype)[:, None, None] * frequencies
         xs = torch.linspace(-1, 1, width, device=sample.device, dtype=sample.dtype)[None, :, None] * frequencies
         ys, xs = ys.expand(height, width, -1), xs.expand(height, width, -1)
-        code = torch.cat([xs.sin(), xs.cos(), ys.sin(), ys.cos()], dim=-1).permute(2, 0, 1)
-        return torch.cat([sample, code[None].expand(batch_size, -1, -1, -1)], dim=1)
+        return torch.cat([xs.sin(), xs.cos(), ys.sin(), ys.cos()], dim=-1).permute(2, 0, 1)
+
+    def canvas_weights(
+        self, code: torch.Tensor, hidden_states: torch.Tensor, attention_mask: torch.BoolTensor
+    ) -> torch.Tensor:
+        """`(batch, length, height, width)`: each pixel's share of each projected token (zero for padding)."""
+        query = self.canvas_query(code.permute(1, 2, 0))  # (height, width, dim)
+        key = self.canvas_key(hidden_states)  # (batch, length, dim)
+        logits = torch.einsum("hwd,bnd->bnhw", query, key) / key.shape[-1] ** 0.5
+        logits = logits.masked_fill(~attention_mask[:, :, None, None], torch.finfo(logits.dtype).min)
+        return logits.softmax(dim=1)
+
+    def unet_input(
+        self, sample: torch.Tensor, hidden_states: torch.Tensor, attention_mask: torch.BoolTensor
+    ) -> torch.Tensor:
+        """What the U-Net reads: the noisy sample, then the coordinate and canvas channels the config asks for."""
+        if self.config.coordinate_channels == 0:
+            return sample
+        batch_size = sample.shape[0]
+        code = self.coordinate_code(sample)
+        channels = [sample, code[None].expand(batch_size, -1, -1, -1)]
+        if self.config.canvas_channels:
+            weights = self.canvas_weights(code, hidden_states, attention_mask)
+            channels.append(torch.einsum("bnhw,bnc->bchw", weights, self.canvas_value(hidden_states)))
+        return torch.cat(channels, dim=1)
 
     def predict(
         self,
@@ -136,10 +179,11 @@ class SetokTokenConditioner(ModelMixin, ConfigMixin):
         attention_mask: torch.BoolTensor,
     ) -> torch.Tensor:
         """The U-Net's output for a noisy `sample`, reading the projected tokens `hidden_states` (from `forward`)
-        through the coordinate channels and `attention_mask` in every attention (`TokenSetAttnProcessor`)."""
+        through the coordinate and canvas channels and `attention_mask` in every attention
+        (`TokenSetAttnProcessor`)."""
         token_bias = (1 - attention_mask.to(hidden_states.dtype)) * -10000.0  # diffusers' own mask-to-bias
         return unet(
-            self.unet_input(sample),
+            self.unet_input(sample, hidden_states, attention_mask),
             timesteps,
             encoder_hidden_states=hidden_states,
             encoder_attention_mask=attention_mask,
@@ -213,6 +257,7 @@ class SetokDetokenizer(PreTrainedModel):
             config.cross_attention_dim,
             num_null_tokens=config.num_null_tokens,
             coordinate_channels=config.coordinate_channels,
+            canvas_channels=config.canvas_channels,
         )
         self.unet = UNet2DConditionModel.from_config(config.unet_config)
         use_token_set_attention(self.unet)
