@@ -256,6 +256,20 @@ def unet_inputs(detokenizer: SetokDetokenizer, run) -> list[torch.Tensor]:
     return seen
 
 
+def training_and_sampling_unet_inputs(
+    detokenizer: SetokDetokenizer, inputs: dict[str, torch.Tensor]
+) -> tuple[list[torch.Tensor], SetokDetokenizerPipeline]:
+    """The U-Net's inputs in one training step and in a 2-step guided drawing (one per step), and the pipeline."""
+    pipeline = SetokDetokenizerPipeline.from_detokenizer(detokenizer)
+    pipeline.set_progress_bar_config(disable=True)
+    seen = unet_inputs(detokenizer, lambda: detokenizer(**inputs))
+    seen += unet_inputs(
+        detokenizer, lambda: pipeline(tokens=inputs["tokens"], token_mask=inputs["token_mask"], num_inference_steps=2)
+    )
+    assert len(seen) == 3
+    return seen, pipeline
+
+
 def test_coordinate_channels_give_the_unet_a_fourier_code_of_each_pixel_in_training_and_sampling() -> None:
     detokenizer = coordinate_detokenizer()
     inputs = training_inputs()
@@ -265,13 +279,7 @@ def test_coordinate_channels_give_the_unet_a_fourier_code_of_each_pixel_in_train
         for frequency in (torch.pi, 2 * torch.pi):
             wave = function(frequency * position)
             code.append(wave[None, :].expand(8, 8) if along_x else wave[:, None].expand(8, 8))
-    pipeline = SetokDetokenizerPipeline.from_detokenizer(detokenizer)
-    pipeline.set_progress_bar_config(disable=True)
-    seen = unet_inputs(detokenizer, lambda: detokenizer(**inputs))
-    seen += unet_inputs(
-        detokenizer, lambda: pipeline(tokens=inputs["tokens"], token_mask=inputs["token_mask"], num_inference_steps=2)
-    )
-    assert len(seen) == 3
+    seen, pipeline = training_and_sampling_unet_inputs(detokenizer, inputs)
     for unet_input in seen:
         assert unet_input.shape[1] == 11
         torch.testing.assert_close(unet_input[:, 3:], torch.stack(code)[None].expand(len(unet_input), -1, -1, -1))
@@ -290,13 +298,7 @@ def test_token_canvas_paints_each_pixel_with_its_share_of_the_real_tokens_in_tra
         shares = reference_canvas_shares(conditioner, hidden, mask, conditioner.coordinate_code(inputs["images"]))
         values = conditioner.canvas_value(hidden)
     expected = (shares[:, :, None] * values[:, :, :, None, None]).sum(dim=1)  # each pixel mixes the tokens' values
-    pipeline = SetokDetokenizerPipeline.from_detokenizer(detokenizer)
-    pipeline.set_progress_bar_config(disable=True)
-    seen = unet_inputs(detokenizer, lambda: detokenizer(**inputs))
-    seen += unet_inputs(
-        detokenizer, lambda: pipeline(tokens=inputs["tokens"], token_mask=inputs["token_mask"], num_inference_steps=2)
-    )
-    assert len(seen) == 3
+    seen, pipeline = training_and_sampling_unet_inputs(detokenizer, inputs)
     for unet_input in seen:  # with guidance, the conditional half comes first
         torch.testing.assert_close(unet_input[: len(expected), 7:], expected, atol=1e-5, rtol=0)
     assert expected.std(dim=(2, 3)).min() > 1e-3  # the canvas varies over the image: it is not one token's value
