@@ -30,6 +30,10 @@ def tiny_unet_config(**overrides) -> dict:
     return settings
 
 
+# A token canvas of 2 channels over a 4-channel coordinate code: the tiny U-Net reads 3 + 4 + 2 channels.
+CANVAS_SETTINGS = dict(unet_config=tiny_unet_config(in_channels=9), coordinate_channels=4, canvas_channels=2)
+
+
 def tiny_detokenizer_config(**overrides) -> SetokDetokenizerConfig:
     settings = dict(
         token_size=TOKEN_SIZE,

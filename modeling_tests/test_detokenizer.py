@@ -10,7 +10,13 @@ import torch
 from conftest import randomize_weights
 from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
 from huggingface_hub.errors import StrictDataclassError
-from pretraining_fixtures import TOKEN_SIZE, reference_canvas_shares, tiny_detokenizer_config, tiny_unet_config
+from pretraining_fixtures import (
+    CANVAS_SETTINGS,
+    TOKEN_SIZE,
+    reference_canvas_shares,
+    tiny_detokenizer_config,
+    tiny_unet_config,
+)
 
 from transformers_setok import SetokDetokenizer, SetokDetokenizerPipeline
 
@@ -61,11 +67,10 @@ def test_loss_equals_a_hand_written_epsilon_objective(detokenizer) -> None:
 # U-Nets whose blocks only cross-attend (the tiny recipe's) run diffusers' first attention on the tokens too,
 # and diffusers calls it without the tokens' mask.
 # A canvas paints the tokens onto the pixels by a softmax over them, which padding must not enter either.
-CANVAS = dict(coordinate_channels=4, canvas_channels=2)
 DETOKENIZER_KINDS = {
     "self and cross-attention": dict(unet_config=tiny_unet_config()),
     "only cross-attention": dict(unet_config=tiny_unet_config(only_cross_attention=True)),
-    "token canvas": dict(unet_config=tiny_unet_config(in_channels=9), **CANVAS),
+    "token canvas": CANVAS_SETTINGS,
 }
 
 
@@ -200,7 +205,7 @@ def test_from_stable_diffusion_reinitialises_only_cross_attention_of_another_wid
         (dict(coordinate_channels=4), "in_channels"),  # a 3-channel U-Net input has no room for the code
         (dict(coordinate_channels=6, unet_config=tiny_unet_config(in_channels=9)), "multiple of 4"),
         (dict(canvas_channels=2, unet_config=tiny_unet_config(in_channels=5)), "needs coordinate_channels"),
-        (dict(CANVAS, unet_config=tiny_unet_config(in_channels=7)), "2 canvas channels"),
+        (dict(CANVAS_SETTINGS, unet_config=tiny_unet_config(in_channels=7)), "2 canvas channels"),
         (dict(timestep_sampling="lognormal"), "timestep_sampling"),
         (dict(timestep_sampling="logit_normal", timestep_logit_std=0.0), "timestep_logit_std"),
     ],
@@ -289,7 +294,7 @@ def test_coordinate_channels_give_the_unet_a_fourier_code_of_each_pixel_in_train
 
 def test_token_canvas_paints_each_pixel_with_its_share_of_the_real_tokens_in_training_and_sampling() -> None:
     torch.manual_seed(0)
-    config = tiny_detokenizer_config(unet_config=tiny_unet_config(in_channels=9), condition_drop_prob=0.0, **CANVAS)
+    config = tiny_detokenizer_config(condition_drop_prob=0.0, **CANVAS_SETTINGS)
     detokenizer = randomize_weights(SetokDetokenizer(config), seed=4).eval()
     conditioner = detokenizer.conditioner
     inputs = training_inputs()

@@ -10,10 +10,10 @@ import torch
 from conftest import randomize_weights, run_without_plugin, tiny_setok_config
 from huggingface_hub.errors import StrictDataclassError
 from pretraining_fixtures import (
+    CANVAS_SETTINGS,
     reference_canvas_shares,
     tiny_detokenizer_config,
     tiny_pretraining_config,
-    tiny_unet_config,
     toy_examples,
 )
 from torch.utils.data import default_collate
@@ -176,10 +176,7 @@ def test_a_short_trainer_run_lowers_both_losses(tmp_path: Path) -> None:
 
 
 def canvas_pretraining_config(**overrides) -> SetokForPreTrainingConfig:
-    detokenizer_config = tiny_detokenizer_config(
-        unet_config=tiny_unet_config(in_channels=9), coordinate_channels=4, canvas_channels=2
-    )
-    return tiny_pretraining_config(detokenizer_config=detokenizer_config, **overrides)
+    return tiny_pretraining_config(detokenizer_config=tiny_detokenizer_config(**CANVAS_SETTINGS), **overrides)
 
 
 def test_layout_loss_is_the_canvas_cross_entropy_against_the_tokens_clusters() -> None:
